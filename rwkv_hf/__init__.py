@@ -1,1 +1,38 @@
-"""rwkv_hf: RWKV-4/5/6/7 for Hugging Face transformers."""
+"""rwkv_hf: RWKV-4/5.2/6/7 as first-class Hugging Face transformers models.
+
+Importing the package registers the classes with the Auto* factories, so a converted folder loads with
+``AutoModelForCausalLM.from_pretrained(folder)`` without ``trust_remote_code``.
+"""
+
+__version__ = "0.1.0"
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_rwkv_hf import RwkvCache
+from .configuration_rwkv_hf import RwkvConfig
+from .modeling_rwkv_hf import RwkvForCausalLM, RwkvModel, RwkvPreTrainedModel
+
+AutoConfig.register(RwkvConfig.model_type, RwkvConfig, exist_ok=True)
+# exist_ok: transformers' built-in RWKV-4 config is also *named* RwkvConfig, and the Auto mappings key on names.
+AutoModel.register(RwkvConfig, RwkvModel, exist_ok=True)
+AutoModelForCausalLM.register(RwkvConfig, RwkvForCausalLM, exist_ok=True)
+
+try:
+    from transformers import AutoTokenizer
+
+    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer
+
+    AutoTokenizer.register(RwkvConfig, slow_tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+except ImportError:  # pragma: no cover - while the tokenizer module is being written
+    pass
+
+from .convert_rwkv_hf import convert_rwkv_checkpoint
+
+__all__ = [
+    "RwkvCache",
+    "RwkvConfig",
+    "RwkvForCausalLM",
+    "RwkvModel",
+    "RwkvPreTrainedModel",
+    "convert_rwkv_checkpoint",
+]

@@ -1,0 +1,147 @@
+"""The recurrent state of an RWKV model as a transformers ``Cache``.
+
+Per layer, one ``LinearAttentionLayer`` with two token-shift states and one WKV state:
+
+* ``conv_states[0]``: the time-mix token shift, the previous token's LN1 output, [B, C, 1] in the model dtype;
+* ``conv_states[1]``: the channel-mix token shift, the previous token's LN2 output, [B, C, 1];
+* ``recurrent_states[0]``: the WKV state in fp32: [B, 3, C] (aa, bb, pp) for RWKV-4, [B, H, N, N] for
+  RWKV-5.2/6 (indexed [key, value]) and RWKV-7 (indexed [value, key]) — the official package's layouts.
+
+Because the layers are transformers' own, beam search reorders them through ``Cache.reorder_cache`` and
+the tensors keep static addresses (CUDA graphs). On top of that this class adds what a recurrent model needs
+and ``Cache`` does not give: a token counter for ``get_seq_length`` (generate needs it to continue from a
+cache), cloning, batch expansion, and copy-on-write freezing so a saved state is never changed by a later
+forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+from transformers.cache_utils import Cache, LinearAttentionLayer
+
+TIME_SHIFT, CHANNEL_SHIFT = 0, 1
+WKV = 0
+
+
+class RwkvCache(Cache):
+    """RWKV recurrent state. Build it with ``RwkvCache(config)``; the model fills it on the first forward."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(layers=[LinearAttentionLayer(number_of_states=2) for _ in range(config.num_hidden_layers)])
+        self.rwkv_version = config.rwkv_version
+        self.seen_tokens = 0
+        self.frozen = False
+
+    # --- what generate needs ------------------------------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens consumed so far (a recurrent state has no length; generate uses this to skip the cached prefix)."""
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        # generate auto-compiles compileable non-DynamicCache caches on CUDA; the model's own decode path
+        # (kernel + optional CUDA graph) is what should run instead.
+        return False
+
+    def crop(self, max_length: int):
+        raise NotImplementedError(
+            "An RWKV state cannot be cropped: the recurrence folds every token into it. Keep a clone of the "
+            "state at the point you want to return to (RwkvCache.clone())."
+        )
+
+    # --- state access ---------------------------------------------------------------------------------------
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.layers) and self.layers[0].has_previous_state[TIME_SHIFT]
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return self.layers[0].conv_states[TIME_SHIFT].shape[0] if self.is_initialized else None
+
+    def shift_state(self, layer_idx: int, which: int) -> Optional[torch.Tensor]:
+        """The previous token's normalised input [B, C] of the time mix (which=0) or channel mix (which=1)."""
+        layer = self.layers[layer_idx]
+        if not layer.has_previous_state[which]:
+            return None
+        return layer.conv_states[which][..., -1]
+
+    def wkv_state(self, layer_idx: int) -> Optional[torch.Tensor]:
+        layer = self.layers[layer_idx]
+        return layer.recurrent_states[WKV] if layer.is_recurrent_states_initialized[WKV] else None
+
+    def update(self, layer_idx: int, time_shift: torch.Tensor, wkv_state: torch.Tensor, channel_shift: torch.Tensor):
+        """Store one layer's new state: shift states [B, C] and the fp32 WKV state."""
+        layer = self.layers[layer_idx]
+        # update_conv_state flips has_previous_state, which is read before the recurrent state (see wkv_state).
+        layer.update_conv_state(time_shift.unsqueeze(-1), TIME_SHIFT, conv_kernel_size=1)
+        layer.update_conv_state(channel_shift.unsqueeze(-1), CHANNEL_SHIFT, conv_kernel_size=1)
+        layer.update_recurrent_state(wkv_state.float(), WKV)
+
+    def ensure_writable(self) -> "RwkvCache":
+        """The cache a forward may write into: itself, or a private copy when this one is frozen."""
+        return self.clone() if self.frozen else self
+
+    # --- copying, forking, batching -------------------------------------------------------------------------
+
+    def clone(self) -> "RwkvCache":
+        """An independent copy (unfrozen) that can be advanced without touching this one."""
+        other = copy.deepcopy(self)
+        other.frozen = False
+        return other
+
+    def freeze(self) -> "RwkvCache":
+        """Mark this state as a snapshot: forwards given it work on a copy and never change it."""
+        self.frozen = True
+        return self
+
+    def _map_tensors(self, fn):
+        for layer in self.layers:
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = fn(layer.conv_states[i])
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = fn(layer.recurrent_states[i])
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map_tensors(lambda t: t[indices])
+
+    def to(self, device=None, dtype=None) -> "RwkvCache":
+        """Move the state; ``dtype`` applies to the token-shift states only (the WKV state stays fp32)."""
+        for layer in self.layers:
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = layer.conv_states[i].to(device=device, dtype=dtype)
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = layer.recurrent_states[i].to(device=device)
+            if device is not None:
+                layer.device = torch.device(device)
+        return self
+
+    @classmethod
+    def stack(cls, caches: List["RwkvCache"]) -> "RwkvCache":
+        """Concatenate states along the batch: row i of the result continues ``caches[i]`` (one state per row)."""
+        if not caches or not all(c.is_initialized for c in caches):
+            raise ValueError("RwkvCache.stack needs a non-empty list of initialised caches")
+        out = caches[0].clone()
+        for layer_idx, layer in enumerate(out.layers):
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = torch.cat([c.layers[layer_idx].conv_states[i] for c in caches])
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = torch.cat([c.layers[layer_idx].recurrent_states[i] for c in caches])
+        out.seen_tokens = max(c.seen_tokens for c in caches)
+        return out
+
+    def __repr__(self):
+        return (
+            f"RwkvCache(version={self.rwkv_version}, layers={len(self.layers)}, batch={self.batch_size}, "
+            f"seen_tokens={self.seen_tokens}, frozen={self.frozen})"
+        )

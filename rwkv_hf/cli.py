@@ -1,0 +1,36 @@
+"""The ``rwkv-hf`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkv-hf", description="RWKV models for Hugging Face transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert an official RWKV .pth checkpoint into a transformers folder")
+    convert.add_argument("checkpoint", help="the RWKV-LM .pth file")
+    convert.add_argument("output_dir", help="folder to write (config.json, model.safetensors, code, tokenizer)")
+    convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    convert.add_argument("--tokenizer", default="auto", help="auto, world, 20b or none (default: auto, by vocab size)")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from .convert_rwkv_hf import CheckpointError, main_convert
+
+        try:
+            return main_convert(args)
+        except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+            print(f"rwkv-hf convert: error: {err}", file=sys.stderr)
+            return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

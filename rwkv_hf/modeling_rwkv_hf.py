@@ -1,0 +1,665 @@
+"""RWKV-4, 5.2, 6 and 7 as transformers models.
+
+Read top to bottom: helpers -> time mix of each generation -> channel mix of each generation -> block ->
+``RwkvPreTrainedModel`` -> ``RwkvModel`` -> ``RwkvForCausalLM``.
+
+Parameter names follow the official checkpoint keys (``blocks.3.att.time_decay``, ``blocks.3.ffn.key.weight``
+...) so this file can be read next to the paper and the ``.pth`` file; the converter only squeezes the
+``(1, 1, C)`` mixing vectors. The parameters are stored raw (as trained): every derived quantity (decays,
+bonuses) is computed in fp32 in ``forward``, so ``save_pretrained`` always writes what was loaded.
+
+The WKV recurrences themselves live in ``ops_rwkv_hf`` (PyTorch reference + chunked form + CUDA dispatch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_rwkv_hf import CHANNEL_SHIFT, TIME_SHIFT, RwkvCache
+from .configuration_rwkv_hf import RwkvConfig
+from .ops_rwkv_hf import empty_wkv4_state, wkv4, wkv5, wkv7
+
+logger = logging.get_logger(__name__)
+
+V4_PAD_KEY = -1e30  # a key so negative that a padded token carries no weight in the RWKV-4 WKV
+V7_DECAY_SCALE = math.exp(-0.5)  # RWKV-7 decay = exp(-e^-0.5 * sigmoid(w)), in (0.545, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def token_shift(x: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
+    """x_{t-1} for every t: the cached previous token for t = 0 (zeros for a fresh state). x: [B, T, C]."""
+    if previous is None:
+        previous = torch.zeros_like(x[:, 0])
+    return torch.cat([previous.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def masked(x: torch.Tensor, mask: Optional[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    """Replace padded positions (mask False) by ``fill``; ``where`` so that a NaN there cannot leak through."""
+    if mask is None:
+        return x
+    mask = mask.view(mask.shape + (1,) * (x.dim() - mask.dim()))
+    return torch.where(mask, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def group_norm_heads(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm with one group per head over y [B, T, H, N] (RWKV's ``ln_x``), in fp32."""
+    B, T, H, N = y.shape
+    out = F.group_norm(y.reshape(B * T, H * N).float(), H, weight.float(), bias.float(), eps)
+    return out.view(B, T, H * N)
+
+
+class LayerState:
+    """The state one block reads and writes: shift inputs of both mixes and the WKV state."""
+
+    __slots__ = ("time_shift", "channel_shift", "wkv")
+
+    def __init__(self, time_shift=None, channel_shift=None, wkv=None):
+        self.time_shift, self.channel_shift, self.wkv = time_shift, channel_shift, wkv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time mix (the "attention" of RWKV), one class per generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Rwkv4TimeMix(nn.Module):
+    """RWKV-4: per-channel WKV with decay w = -exp(time_decay) and current-token bonus u = time_first."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, A = config.hidden_size, config.attention_hidden_size
+        self.time_decay = nn.Parameter(torch.empty(A))
+        self.time_first = nn.Parameter(torch.empty(A))
+        self.time_mix_k = nn.Parameter(torch.empty(C))
+        self.time_mix_v = nn.Parameter(torch.empty(C))
+        self.time_mix_r = nn.Parameter(torch.empty(C))
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+
+    def forward(self, x, state: LayerState, mask, out_scale: float = 1.0):
+        shifted = token_shift(x, state.time_shift)
+        mix = lambda m: x * m + shifted * (1 - m)  # noqa: E731 - v4/v5 mixing convention
+        r = torch.sigmoid(self.receptance(mix(self.time_mix_r)))
+        k = self.key(mix(self.time_mix_k)).float()
+        v = self.value(mix(self.time_mix_v)).float()
+        k = masked(k, mask, V4_PAD_KEY)
+        wkv_state = state.wkv if state.wkv is not None else empty_wkv4_state(x.shape[0], k.shape[-1], x.device)
+        y, new_wkv = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, wkv_state)
+        return self.output((r * y.to(r.dtype)) * out_scale), new_wkv
+
+
+class Rwkv5TimeMix(nn.Module):
+    """RWKV-5.2: matrix-valued WKV per head with a per-channel constant decay and bonus ``time_faaaa``."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, A = config.hidden_size, config.attention_hidden_size
+        self.num_heads, self.head_size = config.num_attention_heads, config.head_size
+        self.gn_eps = config.group_norm_epsilon
+        H, N = self.num_heads, self.head_size
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
+            setattr(self, name, nn.Parameter(torch.empty(C)))
+        self.time_decay = nn.Parameter(torch.empty(H, N))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=self.gn_eps)
+
+    def mixed_inputs(self, x, shifted):
+        mix = lambda m: x * m + shifted * (1 - m)  # noqa: E731
+        return mix(self.time_mix_r), mix(self.time_mix_k), mix(self.time_mix_v), mix(self.time_mix_g)
+
+    def log_decay(self, x, shifted, xw):
+        return -torch.exp(self.time_decay.float()).expand(x.shape[0], x.shape[1], -1, -1)
+
+    def forward(self, x, state: LayerState, mask, out_scale: float = 1.0):
+        B, T, _ = x.shape
+        H, N = self.num_heads, self.head_size
+        shifted = token_shift(x, state.time_shift)
+        xr, xk, xv, xg, *xw = self.mixed_inputs(x, shifted)
+        r = self.receptance(xr).view(B, T, H, N)
+        k = self.key(xk).view(B, T, H, N)
+        v = self.value(xv).view(B, T, H, N)
+        g = F.silu(self.gate(xg))
+        log_w = self.log_decay(x, shifted, xw[0] if xw else None)
+        # Padding: k = 0 writes nothing and log_w = 0 keeps the state, so a pad step is the identity.
+        k, log_w = masked(k, mask), masked(log_w, mask)
+        wkv_state = state.wkv if state.wkv is not None else x.new_zeros(B, H, N, N, dtype=torch.float32)
+        y, new_wkv = wkv5(r, k, v, log_w, self.time_faaaa.float(), wkv_state)
+        y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
+        return self.output((y * g) * out_scale), new_wkv
+
+
+class Rwkv6TimeMix(Rwkv5TimeMix):
+    """RWKV-6: RWKV-5.2 with data-dependent token shift (LoRA ``time_maa_w1/w2``) and per-token decay."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        nn.Module.__init__(self)
+        self.layer_id = layer_id
+        C, A = config.hidden_size, config.attention_hidden_size
+        self.num_heads, self.head_size = config.num_attention_heads, config.head_size
+        self.gn_eps = config.group_norm_epsilon
+        H, N = self.num_heads, self.head_size
+        Dm, Dd = config.time_mix_extra_dim, config.time_decay_extra_dim
+        for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
+            setattr(self, name, nn.Parameter(torch.empty(C)))
+        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * Dm))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, Dm, C))
+        self.time_decay = nn.Parameter(torch.empty(A))
+        self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
+        self.time_decay_w2 = nn.Parameter(torch.empty(Dd, A))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=self.gn_eps)
+
+    def mixed_inputs(self, x, shifted):
+        B, T, C = x.shape
+        delta = shifted - x  # v6/v7 convention: x + (prev - x) * maa
+        lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+        mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        return (
+            x + delta * (self.time_maa_r + mr),
+            x + delta * (self.time_maa_k + mk),
+            x + delta * (self.time_maa_v + mv),
+            x + delta * (self.time_maa_g + mg),
+            x + delta * (self.time_maa_w + mw),
+        )
+
+    def log_decay(self, x, shifted, xw):
+        B, T, _ = x.shape
+        decay = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
+        return -torch.exp(decay).view(B, T, self.num_heads, self.head_size)
+
+
+class Rwkv7TimeMix(nn.Module):
+    """RWKV-7: generalised delta rule with in-context learning rate ``a`` and value residual from layer 0."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        self.layer_id = layer_id
+        self.num_heads, self.head_size = config.num_attention_heads, config.head_size
+        self.gn_eps = config.group_norm_epsilon
+        H, N = self.num_heads, self.head_size
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.empty(C)))
+        self.w1 = nn.Parameter(torch.empty(C, config.decay_low_rank_dim))
+        self.w2 = nn.Parameter(torch.empty(config.decay_low_rank_dim, C))
+        self.a1 = nn.Parameter(torch.empty(C, config.a_low_rank_dim))
+        self.a2 = nn.Parameter(torch.empty(config.a_low_rank_dim, C))
+        if layer_id > 0:  # layer 0 defines v_first; the value-residual LoRA only exists after it
+            self.v0 = nn.Parameter(torch.empty(C))
+            self.v1 = nn.Parameter(torch.empty(C, config.v_low_rank_dim))
+            self.v2 = nn.Parameter(torch.empty(config.v_low_rank_dim, C))
+        self.g1 = nn.Parameter(torch.empty(C, config.gate_low_rank_dim))
+        self.g2 = nn.Parameter(torch.empty(config.gate_low_rank_dim, C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=self.gn_eps)
+
+    def forward(self, x, state: LayerState, mask, v_first, out_scale: float = 1.0):
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_size
+        delta = token_shift(x, state.time_shift) - x
+        xr, xw, xk, xv, xa, xg = (x + delta * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        w = torch.tanh(xw @ self.w1) @ self.w2
+        iclr = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate "a"
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
+        k = k * (1 + (iclr - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        log_w = -V7_DECAY_SCALE * torch.sigmoid((self.w0 + w).float())
+
+        k, v4d, r4d = k.view(B, T, H, N), v.view(B, T, H, N), r.view(B, T, H, N)
+        a, b = -kk, kk * iclr.view(B, T, H, N)
+        # Padding: no write (k = 0, b = 0), no decay (log_w = 0): the pad step is the identity.
+        wkv_k, log_w, b = masked(k, mask), masked(log_w.view(B, T, H, N), mask), masked(b, mask)
+        wkv_state = state.wkv if state.wkv is not None else x.new_zeros(B, H, N, N, dtype=torch.float32)
+        y, new_wkv = wkv7(r4d, log_w, wkv_k, v4d, a, b, wkv_state)
+
+        y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
+        bonus = (r4d * k * self.r_k).sum(dim=-1, keepdim=True) * v4d  # the current token's own term
+        y = y + bonus.view(B, T, C)
+        return self.output((y * g) * out_scale), new_wkv, v_first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Channel mix (the "FFN" of RWKV)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Rwkv4ChannelMix(nn.Module):
+    """RWKV-4 and 5.2: sigmoid(R x_r) * V relu(K x_k)^2."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.time_mix_k = nn.Parameter(torch.empty(C))
+        self.time_mix_r = nn.Parameter(torch.empty(C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def mixed_inputs(self, x, shifted):
+        return x * self.time_mix_k + shifted * (1 - self.time_mix_k), x * self.time_mix_r + shifted * (1 - self.time_mix_r)
+
+    def forward(self, x, previous, out_scale: float = 1.0):
+        xk, xr = self.mixed_inputs(x, token_shift(x, previous))
+        k = torch.relu(self.key(xk)) ** 2
+        return torch.sigmoid(self.receptance(xr)) * self.value(k * out_scale)
+
+
+class Rwkv6ChannelMix(Rwkv4ChannelMix):
+    """RWKV-6: the same maths with the maa convention (maa = 1 - mix)."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        nn.Module.__init__(self)
+        self.layer_id = layer_id
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.time_maa_k = nn.Parameter(torch.empty(C))
+        self.time_maa_r = nn.Parameter(torch.empty(C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def mixed_inputs(self, x, shifted):
+        delta = shifted - x
+        return x + delta * self.time_maa_k, x + delta * self.time_maa_r
+
+
+class Rwkv7ChannelMix(nn.Module):
+    """RWKV-7: V relu(K x_k)^2, no receptance."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.x_k = nn.Parameter(torch.empty(C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, previous, out_scale: float = 1.0):
+        xk = x + (token_shift(x, previous) - x) * self.x_k
+        return self.value(torch.relu(self.key(xk)) ** 2 * out_scale)
+
+
+TIME_MIX = {"4": Rwkv4TimeMix, "5.2": Rwkv5TimeMix, "6": Rwkv6TimeMix, "7": Rwkv7TimeMix}
+CHANNEL_MIX = {"4": Rwkv4ChannelMix, "5.2": Rwkv4ChannelMix, "6": Rwkv6ChannelMix, "7": Rwkv7ChannelMix}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RwkvBlock(nn.Module):
+    """Pre-LN block: x += TimeMix(LN1(x)); x += ChannelMix(LN2(x)). Block 0 also owns ``ln0`` (after the embedding)."""
+
+    def __init__(self, config: RwkvConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_v7 = config.rwkv_version == "7"
+        eps = config.layer_norm_epsilon
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.att = TIME_MIX[config.rwkv_version](config, layer_id)
+        self.ffn = CHANNEL_MIX[config.rwkv_version](config, layer_id)
+
+    def forward(self, hidden, state: LayerState, mask, v_first=None, out_scale: float = 1.0):
+        # The shift states are the LN outputs; padded positions are zeroed *after* LN (LN(0) = bias != 0) so the
+        # first real token sees the same zero "previous token" as an unpadded run.
+        x = masked(self.ln1(hidden), mask)
+        if self.is_v7:
+            att_out, wkv, v_first = self.att(x, state, mask, v_first, out_scale)
+        else:
+            att_out, wkv = self.att(x, state, mask, out_scale)
+        hidden = hidden + att_out
+        time_shift = x[:, -1]
+        x = masked(self.ln2(hidden), mask)
+        hidden = hidden + self.ffn(x, state.channel_shift, out_scale)
+        return hidden, LayerState(time_shift, x[:, -1], wkv), v_first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RwkvPreTrainedModel(PreTrainedModel):
+    config_class = RwkvConfig
+    base_model_prefix = "rwkv"
+    _no_split_modules = ["RwkvBlock"]
+    _is_stateful = True
+    supports_gradient_checkpointing = True
+    # Decays and bonuses are exponentiated: keep them fp32 whatever dtype the model loads in (as the official
+    # package does), along with the per-head GroupNorm.
+    _keep_in_fp32_modules = ["time_decay", "time_first", "time_faaaa", "ln_x"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """RWKV-LM's initialisation, so that ``from_config`` models train like the official ones."""
+        config = self.config
+        if isinstance(module, nn.Embedding):
+            module.weight.uniform_(-1e-4, 1e-4)
+        elif isinstance(module, nn.Linear):
+            if module is getattr(self, "head", None):
+                module.weight.normal_(0.0, 0.5 / math.sqrt(config.hidden_size))
+            else:
+                module.weight.normal_(0.0, 0.02)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, (Rwkv4TimeMix, Rwkv5TimeMix, Rwkv7TimeMix, Rwkv4ChannelMix, Rwkv7ChannelMix)):
+            _init_rwkv_mix(module, config)
+
+
+def _init_rwkv_mix(module: nn.Module, config: RwkvConfig):
+    """Ratios and curves of RWKV-LM (``RWKV-v4neo``, ``x052``, ``x060``, ``x070`` model code). Runs after
+    ``nn.Module.apply`` has initialised the module's Linear children, so it may override them."""
+    layer_id, L, C = module.layer_id, config.num_hidden_layers, config.hidden_size
+    ratio_0_to_1 = layer_id / max(L - 1, 1)
+    ratio_1_to_almost0 = 1.0 - layer_id / L
+    ddd = torch.arange(C, dtype=torch.float32) / C
+    A = config.attention_hidden_size
+    n = torch.arange(A, dtype=torch.float32)
+    linear = n / max(A - 1, 1) - 0.5
+    params = dict(module.named_parameters(recurse=False))
+
+    def put(name, value):
+        if name in params:
+            params[name].copy_(torch.as_tensor(value, dtype=torch.float32).expand(params[name].numel()).view_as(params[name]))
+
+    def uniform(linear_module, scale):
+        linear_module.weight.uniform_(-scale / math.sqrt(C), scale / math.sqrt(C))
+
+    # Token-shift mixes: early layers lean on the current token, deep layers on the previous one.
+    for name in ("time_mix_k", "time_mix_g"):
+        put(name, ddd**ratio_1_to_almost0)
+    put("time_mix_v", ddd**ratio_1_to_almost0 + 0.3 * ratio_0_to_1)
+    put("time_mix_r", ddd ** (0.5 * ratio_1_to_almost0))
+    for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_g", "time_maa_r", "time_maa_v"):
+        put(name, 1.0 - ddd**ratio_1_to_almost0)
+    for name in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
+        if name in params:
+            params[name].uniform_(-0.01, 0.01)
+
+    if isinstance(module, Rwkv4TimeMix):
+        put("time_decay", -5 + 8 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
+        zigzag = torch.tensor([(i + 1) % 3 - 1 for i in range(A)], dtype=torch.float32) * 0.5
+        put("time_first", math.log(0.3) + zigzag)
+    elif isinstance(module, Rwkv5TimeMix):
+        put("time_decay", -6 + 5 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
+        zigzag = torch.tensor([(i + 1) % 3 - 1 for i in range(A)], dtype=torch.float32) * 0.1
+        put("time_faaaa", ratio_0_to_1 * (1 - n / max(A - 1, 1)) + zigzag)
+    elif isinstance(module, Rwkv7TimeMix):
+        N = config.head_size
+        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            put(name, 1.0 - ddd ** (power * ratio_1_to_almost0))
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+        put("w0", -6 + 6 * (n / max(A - 1, 1)) ** (1 + ratio_0_to_1**0.3) + 0.5 + zigzag * 2.5)
+        put("a0", -0.19 + zigzag * 0.3 + linear * 0.4)
+        put("v0", 0.73 - linear * 0.4)
+        put("k_k", 0.71 - linear * 0.1)
+        put("k_a", 1.02)
+        put("r_k", -0.04)
+        # RWKV-LM zero-inits the first LoRA factors and gives the second a small orthogonal scale.
+        for name in ("w1", "a1", "v1", "g1"):
+            if name in params:
+                params[name].zero_()
+        for name in ("w2", "a2", "v2", "g2"):
+            if name in params:
+                params[name].uniform_(-0.1 / math.sqrt(params[name].shape[0]), 0.1 / math.sqrt(params[name].shape[0]))
+        uniform(module.receptance, 0.5)
+        uniform(module.key, 0.05)
+        uniform(module.value, 0.5)
+        module.output.weight.zero_()
+        module.ln_x.weight.fill_(((1 + layer_id) / L) ** 0.7)
+    elif isinstance(module, Rwkv7ChannelMix):
+        put("x_k", 1.0 - ddd ** (ratio_1_to_almost0**4))
+        uniform(module.key, 0.5)
+        module.value.weight.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Base model
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RwkvModel(RwkvPreTrainedModel):
+    def __init__(self, config: RwkvConfig):
+        super().__init__(config)
+        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList([RwkvBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def _rescale_every(self, dtype: torch.dtype) -> int:
+        # RWKV-4/5/6 halve the residual every `rescale_every` blocks in fp16 so it stays in range (the official
+        # package's RWKV_RESCALE_LAYER). Here the activations are scaled, never the stored weights.
+        if dtype == torch.float16 and self.config.rwkv_version != "7":
+            return self.config.rescale_every
+        return 0
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[Tuple, BaseModelOutputWithPast]:
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}"
+                )
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids contain token id {int(input_ids.max()) if int(input_ids.max()) >= 0 else int(input_ids.min())}"
+                    f" outside the vocabulary [0, {self.config.vocab_size})"
+                )
+            inputs_embeds = self.emb(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must be [batch, tokens, hidden] with tokens >= 1, got {tuple(inputs_embeds.shape)}")
+        B, T, _ = inputs_embeds.shape
+
+        mask = self._padding_mask(attention_mask, B, T)
+        cache = self._cache_for(past_key_values, use_cache, B)
+
+        hidden = self.blocks[0].ln0(inputs_embeds)
+        rescale = self._rescale_every(hidden.dtype)
+        all_hidden = (hidden,) if output_hidden_states else None
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            state = LayerState()
+            if cache is not None and cache.is_initialized:
+                state = LayerState(cache.shift_state(i, TIME_SHIFT), cache.shift_state(i, CHANNEL_SHIFT), cache.wkv_state(i))
+            out_scale = 2.0 ** -(i // rescale) if rescale else 1.0
+            if self.gradient_checkpointing and self.training:
+                hidden, new_state, v_first = self._gradient_checkpointing_func(
+                    block.__call__, hidden, state, mask, v_first, out_scale
+                )
+            else:
+                hidden, new_state, v_first = block(hidden, state, mask, v_first, out_scale)
+            if rescale and (i + 1) % rescale == 0:
+                hidden = hidden / 2
+            if cache is not None:
+                cache.update(i, new_state.time_shift, new_state.wkv, new_state.channel_shift)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        if cache is not None:
+            cache.seen_tokens += T
+        hidden = self.ln_out(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+
+        if not return_dict:
+            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
+
+    @staticmethod
+    def _padding_mask(attention_mask, batch_size, seq_len) -> Optional[torch.Tensor]:
+        """The boolean [B, T] mask of real tokens, or None when nothing is padded."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"attention_mask must be [batch, >= tokens] = [{batch_size}, >= {seq_len}], got {tuple(attention_mask.shape)}"
+            )
+        # generate passes the mask of the whole sequence so far; the last T columns belong to these tokens.
+        mask = attention_mask[:, -seq_len:].bool()
+        return None if bool(mask.all()) else mask
+
+    def _cache_for(self, past_key_values, use_cache, batch_size) -> Optional[RwkvCache]:
+        if past_key_values is None:
+            return RwkvCache(self.config) if use_cache else None
+        if not hasattr(past_key_values, "shift_state"):  # duck-typed: remote-code copies have their own class
+            raise TypeError(
+                f"past_key_values must be an RwkvCache (the state returned by this model), got {type(past_key_values).__name__}"
+            )
+        if getattr(past_key_values, "rwkv_version", self.config.rwkv_version) != self.config.rwkv_version or len(
+            past_key_values.layers
+        ) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"past_key_values holds an RWKV-{past_key_values.rwkv_version} state with {len(past_key_values.layers)} "
+                f"layers; this model is RWKV-{self.config.rwkv_version} with {self.config.num_hidden_layers} layers"
+            )
+        cache = past_key_values.ensure_writable()
+        if cache.is_initialized and cache.batch_size != batch_size:
+            if cache.batch_size == 1:  # one saved prompt state seeding several rows (beams, samples)
+                cache = cache.clone() if cache is past_key_values and past_key_values.frozen else cache
+                cache.batch_repeat_interleave(batch_size)
+            else:
+                raise ValueError(f"past_key_values has batch size {cache.batch_size} but the input has {batch_size}")
+        return cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Causal LM head
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RwkvConfig):
+        super().__init__(config)
+        self.rwkv = RwkvModel(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.head = new_embeddings
+
+    def get_decoder(self):
+        return self.rwkv
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # Names containing "rwkv" get no default cache from generate; create ours so prefill chunking works.
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = RwkvCache(self.config)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        use_cache: Optional[bool] = None,
+        labels: Optional[torch.LongTensor] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the causal-LM loss (shifted inside: position t predicts labels[t+1]); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions
+            (0 = all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.rwkv(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.head(hidden[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = (logits, outputs.past_key_values, outputs.hidden_states)
+            output = tuple(x for x in output if x is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["RwkvPreTrainedModel", "RwkvModel", "RwkvForCausalLM", "RwkvCache"]
