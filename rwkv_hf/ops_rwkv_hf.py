@@ -116,7 +116,7 @@ def wkv4_chunked(
     """
     B, T, C = k.shape
     w = w.float()
-    max_decay = float(-w.min()) if w.numel() else 0.0
+    max_decay = float(-w.detach().min()) if w.numel() else 0.0
     if max_decay > 0:
         chunk_size = min(chunk_size, int(V4_MAX_EXPONENT / max_decay) + 1)
     if chunk_size < 4:
