@@ -372,6 +372,27 @@ class RwkvPreTrainedModel(PreTrainedModel):
     # package does), along with the per-head GroupNorm.
     _keep_in_fp32_modules = ["time_decay", "time_first", "time_faaaa", "ln_x"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers', but a checkpoint whose weights disagree with its config is an error, not a warning.
+
+        transformers only warns about missing or unexpected weights and then initialises the missing ones at
+        random: for a folder whose config.json says 12 layers but whose weights hold 24, that is a silently
+        wrong model.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            config = model.config
+            details = "; ".join(f"{k.replace('_', ' ')}: {v[:8]}" for k, v in problems.items() if v)
+            raise ValueError(
+                f"The weights do not match the config (RWKV-{config.rwkv_version}, {config.num_hidden_layers} layers, "
+                f"hidden_size {config.hidden_size}, vocab {config.vocab_size}): {details}. Was config.json edited, or "
+                "are the weights from another model?"
+            )
+        return (model, info) if wants_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
         """RWKV-LM's initialisation, so that ``from_config`` models train like the official ones."""
@@ -464,6 +485,9 @@ def _init_rwkv_mix(module: nn.Module, config: RwkvConfig):
 
 
 class RwkvModel(RwkvPreTrainedModel):
+    # Loading the base model from a causal-LM folder leaves the head out on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+
     def __init__(self, config: RwkvConfig):
         super().__init__(config)
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -498,7 +522,7 @@ class RwkvModel(RwkvPreTrainedModel):
     ) -> Union[Tuple, BaseModelOutputWithPast]:
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -635,7 +659,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions
             (0 = all), or for the given indices.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.rwkv(
             input_ids=input_ids,
             attention_mask=attention_mask,
