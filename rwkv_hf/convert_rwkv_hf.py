@@ -211,6 +211,31 @@ def map_state_dict(
     return out
 
 
+_OFFICIAL_BROADCAST_VECTORS = re.compile(
+    r"\.(time_mix_[kvrg]|time_maa_[xwkvrg]|x_[rwkvag]|w0|a0|v0|k_k|k_a)$|\.att\.time_decay$"
+)
+
+
+def export_official_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The model's weights in the official RWKV-LM ``.pth`` layout (the inverse of ``map_state_dict``).
+
+    Mixing vectors go back to RWKV-LM's ``(1, 1, C)`` shape (RWKV-5.2's ``time_decay`` stays ``(H, N)``).
+    """
+    version = model.config.rwkv_version
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = hf_to_official_key(name)
+        if _OFFICIAL_BROADCAST_VECTORS.search(key) and tensor.dim() == 1:
+            tensor = tensor.reshape(1, 1, -1)
+        out[key] = tensor.detach().clone()
+    if version == "7":  # RWKV-LM saves layer 0's unused value-residual LoRA; the official loader expects the keys
+        C = model.config.hidden_size
+        out["blocks.0.att.v0"] = torch.zeros(1, 1, C)
+        out["blocks.0.att.v1"] = torch.zeros(C, model.config.v_low_rank_dim)
+        out["blocks.0.att.v2"] = torch.zeros(model.config.v_low_rank_dim, C)
+    return out
+
+
 def math_prod(shape) -> int:
     n = 1
     for s in shape:
@@ -347,7 +372,3 @@ def main_convert(args) -> int:
         f"vocab {config.vocab_size} -> {args.output_dir}"
     )
     return 0
-
-
-def describe(config: RwkvConfig) -> str:
-    return json.dumps({k: getattr(config, k) for k in ("rwkv_version", "num_hidden_layers", "hidden_size")})
