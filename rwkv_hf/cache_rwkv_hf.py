@@ -140,6 +140,39 @@ class RwkvCache(Cache):
         out.seen_tokens = max(c.seen_tokens for c in caches)
         return out
 
+    # --- the official package's state list ----------------------------------------------------------------
+
+    @classmethod
+    def from_official_state(cls, config, state: List[torch.Tensor]) -> "RwkvCache":
+        """Build a batch-1 cache from the official ``rwkv`` package's state list.
+
+        RWKV-4 uses 5 tensors per layer (att shift, aa, bb, pp, ffn shift); later versions 3 (att shift, WKV
+        matrix, ffn shift), with the matrix in the same orientation as this cache.
+        """
+        per_layer = 5 if config.rwkv_version == "4" else 3
+        if len(state) != per_layer * config.num_hidden_layers:
+            raise ValueError(
+                f"An official RWKV-{config.rwkv_version} state for {config.num_hidden_layers} layers has "
+                f"{per_layer * config.num_hidden_layers} tensors, got {len(state)}"
+            )
+        cache = cls(config)
+        for i in range(config.num_hidden_layers):
+            s = state[i * per_layer : (i + 1) * per_layer]
+            wkv = torch.stack(s[1:4]) if per_layer == 5 else s[1]
+            cache.update(i, s[0].reshape(1, -1), wkv.unsqueeze(0).float(), s[-1].reshape(1, -1))
+        return cache
+
+    def to_official_state(self, row: int = 0) -> List[torch.Tensor]:
+        """Row ``row`` of this cache as the official package's state list (see ``from_official_state``)."""
+        if not self.is_initialized:
+            raise ValueError("The cache is empty: run the model on some tokens first")
+        out = []
+        for i in range(len(self.layers)):
+            wkv = self.wkv_state(i)[row]
+            middle = list(wkv.unbind(0)) if self.rwkv_version == "4" else [wkv]
+            out += [self.shift_state(i, TIME_SHIFT)[row], *middle, self.shift_state(i, CHANNEL_SHIFT)[row]]
+        return [t.clone() for t in out]
+
     def __repr__(self):
         return (
             f"RwkvCache(version={self.rwkv_version}, layers={len(self.layers)}, batch={self.batch_size}, "

@@ -493,6 +493,10 @@ class RwkvModel(RwkvPreTrainedModel):
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList([RwkvBlock(config, i) for i in range(config.num_hidden_layers)])
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        # The state a fresh sequence starts from: None (zeros), or a module set by ``load_init_state`` / state
+        # tuning whose ``layer_states(batch_size, dtype, device, name)`` returns one
+        # (time_shift, channel_shift, wkv) triple per layer. Kept out of the default state dict on purpose.
+        self.init_state = None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -518,8 +522,13 @@ class RwkvModel(RwkvPreTrainedModel):
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        init_state: Optional[str] = None,
         **kwargs,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
+        r"""
+        init_state (`str`, *optional*): name of a mounted initial state to start fresh sequences from (see
+            ``load_init_state``); ignored when ``past_key_values`` already holds a state.
+        """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -545,11 +554,14 @@ class RwkvModel(RwkvPreTrainedModel):
         cache = self._cache_for(past_key_values, use_cache, B)
 
         hidden = self.blocks[0].ln0(inputs_embeds)
+        start = None
+        if cache is None or not cache.is_initialized:
+            start = self._initial_layer_states(B, hidden.dtype, hidden.device, init_state)
         rescale = self._rescale_every(hidden.dtype)
         all_hidden = (hidden,) if output_hidden_states else None
         v_first = None
         for i, block in enumerate(self.blocks):
-            state = LayerState()
+            state = start[i] if start is not None else LayerState()
             if cache is not None and cache.is_initialized:
                 state = LayerState(cache.shift_state(i, TIME_SHIFT), cache.shift_state(i, CHANNEL_SHIFT), cache.wkv_state(i))
             out_scale = 2.0 ** -(i // rescale) if rescale else 1.0
@@ -574,6 +586,13 @@ class RwkvModel(RwkvPreTrainedModel):
         if not return_dict:
             return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
+
+    def _initial_layer_states(self, batch_size, dtype, device, name):
+        if self.init_state is None:
+            if name is not None:
+                raise ValueError(f"init_state={name!r} was requested but no initial state is loaded (see load_init_state)")
+            return None
+        return [LayerState(*triple) for triple in self.init_state.layer_states(batch_size, dtype, device, name)]
 
     @staticmethod
     def _padding_mask(attention_mask, batch_size, seq_len) -> Optional[torch.Tensor]:
@@ -651,6 +670,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        init_state: Optional[str] = None,
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         r"""
@@ -668,6 +688,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            init_state=init_state,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
