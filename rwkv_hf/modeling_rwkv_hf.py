@@ -654,6 +654,20 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.rwkv
 
+    @torch.no_grad()
+    def _cpu_head_layout(self):
+        """Store the head column-major on CPU for inference (same values, same memory).
+
+        The head is the largest matrix of a small RWKV ([vocab, hidden]); CPU BLAS computes x @ W^T about 1.6x
+        faster when W^T is the contiguous one (measured on 2 cores: 65536 x 768 mat-vec 9.8 ms vs 15.8 ms), which
+        is what the official package gets by transposing its weights at load. Other matrices gain nothing.
+        """
+        weight = self.head.weight
+        if self.training or weight.device.type != "cpu" or type(weight.data) is not torch.Tensor:
+            return
+        if weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] > weight.shape[1]:
+            weight.data = weight.data.t().contiguous().t()
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Names containing "rwkv" get no default cache from generate; create ours so prefill chunking works.
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
@@ -691,6 +705,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
             init_state=init_state,
         )
         hidden = outputs.last_hidden_state
+        self._cpu_head_layout()
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.head(hidden[:, keep, :])
 
