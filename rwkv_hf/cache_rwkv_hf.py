@@ -77,6 +77,12 @@ class RwkvCache(Cache):
     def update(self, layer_idx: int, time_shift: torch.Tensor, wkv_state: torch.Tensor, channel_shift: torch.Tensor):
         """Store one layer's new state: shift states [B, C] and the fp32 WKV state."""
         layer = self.layers[layer_idx]
+        if layer.has_previous_state[TIME_SHIFT] and not layer.record_past:
+            # The steady state of decoding: plain in-place copies (static addresses kept for CUDA graphs).
+            layer.conv_states[TIME_SHIFT].copy_(time_shift.unsqueeze(-1))
+            layer.conv_states[CHANNEL_SHIFT].copy_(channel_shift.unsqueeze(-1))
+            layer.recurrent_states[WKV].copy_(wkv_state)
+            return
         # update_conv_state flips has_previous_state, which is read before the recurrent state (see wkv_state).
         layer.update_conv_state(time_shift.unsqueeze(-1), TIME_SHIFT, conv_kernel_size=1)
         layer.update_conv_state(channel_shift.unsqueeze(-1), CHANNEL_SHIFT, conv_kernel_size=1)

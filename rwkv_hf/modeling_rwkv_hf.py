@@ -53,6 +53,11 @@ def masked(x: torch.Tensor, mask: Optional[torch.Tensor], fill: float = 0.0) -> 
     return torch.where(mask, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
+def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * scale, skipping the op for the usual scale of 1 (fp16 rescaling is the only other case)."""
+    return x if scale == 1.0 else x * scale
+
+
 def group_norm_heads(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """GroupNorm with one group per head over y [B, T, H, N] (RWKV's ``ln_x``), in fp32."""
     B, T, H, N = y.shape
@@ -100,7 +105,7 @@ class Rwkv4TimeMix(nn.Module):
         k = masked(k, mask, V4_PAD_KEY)
         wkv_state = state.wkv if state.wkv is not None else empty_wkv4_state(x.shape[0], k.shape[-1], x.device)
         y, new_wkv = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, wkv_state)
-        return self.output((r * y.to(r.dtype)) * out_scale), new_wkv
+        return self.output(scaled(r * y.to(r.dtype), out_scale)), new_wkv
 
 
 class Rwkv5TimeMix(nn.Module):
@@ -146,7 +151,7 @@ class Rwkv5TimeMix(nn.Module):
         wkv_state = state.wkv if state.wkv is not None else x.new_zeros(B, H, N, N, dtype=torch.float32)
         y, new_wkv = wkv5(r, k, v, log_w, self.time_faaaa.float(), wkv_state)
         y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
-        return self.output((y * g) * out_scale), new_wkv
+        return self.output(scaled(y * g, out_scale)), new_wkv
 
 
 class Rwkv6TimeMix(Rwkv5TimeMix):
@@ -227,7 +232,9 @@ class Rwkv7TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
         delta = token_shift(x, state.time_shift) - x
-        xr, xw, xk, xv, xa, xg = (x + delta * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        # x + delta * mix for the six mixes in one op (decode is bound by per-op overhead on CPU)
+        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])[:, None, None, :]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, delta, mixes).unbind(0)
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -254,7 +261,7 @@ class Rwkv7TimeMix(nn.Module):
         y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
         bonus = (r4d * k * self.r_k).sum(dim=-1, keepdim=True) * v4d  # the current token's own term
         y = y + bonus.view(B, T, C)
-        return self.output((y * g) * out_scale), new_wkv, v_first
+        return self.output(scaled(y * g, out_scale)), new_wkv, v_first
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +288,7 @@ class Rwkv4ChannelMix(nn.Module):
     def forward(self, x, previous, out_scale: float = 1.0):
         xk, xr = self.mixed_inputs(x, token_shift(x, previous))
         k = torch.relu(self.key(xk)) ** 2
-        return torch.sigmoid(self.receptance(xr)) * self.value(k * out_scale)
+        return torch.sigmoid(self.receptance(xr)) * self.value(scaled(k, out_scale))
 
 
 class Rwkv6ChannelMix(Rwkv4ChannelMix):
@@ -315,7 +322,7 @@ class Rwkv7ChannelMix(nn.Module):
 
     def forward(self, x, previous, out_scale: float = 1.0):
         xk = x + (token_shift(x, previous) - x) * self.x_k
-        return self.value(torch.relu(self.key(xk)) ** 2 * out_scale)
+        return self.value(scaled(torch.relu(self.key(xk)) ** 2, out_scale))
 
 
 TIME_MIX = {"4": Rwkv4TimeMix, "5.2": Rwkv5TimeMix, "6": Rwkv6TimeMix, "7": Rwkv7TimeMix}

@@ -193,15 +193,16 @@ def wkv5_recurrent(
     y_j = sum_i r_i (u_i k_i v_j + S_ij);   S <- k v^T + w_i S
     """
     r, k, v = r.float(), k.float(), v.float()
+    B, T, H, N = r.shape
     w = torch.exp(log_w.float()).expand_as(k)
-    u = u.float()
-    S = state.float()
+    bonus = (r * u.float() * k).sum(-1, keepdim=True) * v  # r^T (u k v^T) = (r . u . k) v
+    S = state.float().reshape(B * H, N, N)
     out = []
-    for t in range(r.shape[1]):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, N, N]
-        out.append(torch.einsum("bhi,bhij->bhj", r[:, t], S + u[None, :, :, None] * kv))
-        S = kv + w[:, t, :, :, None] * S
-    return torch.stack(out, dim=1), S
+    for t in range(T):
+        out.append(torch.bmm(r[:, t].reshape(B * H, 1, N), S).view(B, H, N))
+        # S <- w S + k v^T in one fused op (the decode hot path)
+        S = torch.baddbmm(w[:, t].reshape(B * H, N, 1) * S, k[:, t].reshape(B * H, N, 1), v[:, t].reshape(B * H, 1, N))
+    return torch.stack(out, dim=1) + bonus, S.view(B, H, N, N)
 
 
 def wkv5_chunked(
@@ -283,18 +284,18 @@ def wkv7_recurrent(
     S <- S diag(w) + (S a) b^T + v k^T;   y = S r       (RWKV-7 passes a = -kk, b = kk * iclr)
     """
     r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
+    B, T, H, N = r.shape
     w = torch.exp(log_w.float())
-    S = state.float()
+    S = state.float().reshape(B * H, N, N)
     out = []
-    for t in range(r.shape[1]):
-        sa = torch.einsum("bhji,bhi->bhj", S, a[:, t])
-        S = (
-            S * w[:, t, :, None, :]
-            + sa[..., :, None] * b[:, t, :, None, :]
-            + v[:, t, :, :, None] * k[:, t, :, None, :]
-        )
-        out.append(torch.einsum("bhji,bhi->bhj", S, r[:, t]))
-    return torch.stack(out, dim=1), S
+    for t in range(T):
+        sa = torch.bmm(S, a[:, t].reshape(B * H, N, 1))  # S a, [BH, N(value), 1]
+        # S <- S diag(w) + (S a) b^T + v k^T as one mul and one batched rank-2 update (the decode hot path)
+        left = torch.cat([sa, v[:, t].reshape(B * H, N, 1)], dim=2)
+        right = torch.stack([b[:, t], k[:, t]], dim=2).reshape(B * H, 2, N)
+        S = torch.baddbmm(S * w[:, t].reshape(B * H, 1, N), left, right)
+        out.append(torch.bmm(S, r[:, t].reshape(B * H, N, 1)).view(B, H, N))
+    return torch.stack(out, dim=1), S.view(B, H, N, N)
 
 
 def wkv7_chunked(
