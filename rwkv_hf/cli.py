@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     convert.add_argument("--tokenizer", default="auto", help="auto, world, 20b or none (default: auto, by vocab size)")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+
+    from .chat_cli import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 
@@ -29,6 +33,10 @@ def main(argv=None) -> int:
         except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
             print(f"rwkv-hf convert: error: {err}", file=sys.stderr)
             return 2
+    if args.command == "chat":
+        from .chat_cli import main_chat
+
+        return main_chat(args)
     return 1
 
 

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from .cache_rwkv_hf import CHANNEL_SHIFT, TIME_SHIFT, RwkvCache
+from .chat_rwkv_hf import RwkvChatModelMixin
 from .configuration_rwkv_hf import RwkvConfig
 from .ops_rwkv_hf import empty_wkv4_state, wkv4, wkv5, wkv7
 
@@ -643,7 +644,7 @@ class RwkvModel(RwkvPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin):
+class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
     _tied_weights_keys = {}
 
     def __init__(self, config: RwkvConfig):
