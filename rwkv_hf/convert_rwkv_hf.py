@@ -211,21 +211,21 @@ def map_state_dict(
     return out
 
 
-_OFFICIAL_BROADCAST_VECTORS = re.compile(
-    r"\.(time_mix_[kvrg]|time_maa_[xwkvrg]|x_[rwkvag]|w0|a0|v0|k_k|k_a)$|\.att\.time_decay$"
-)
+_OFFICIAL_BROADCAST_VECTORS = re.compile(r"\.(time_mix_[kvrg]|time_maa_[xwkvrg]|x_[rwkvag]|w0|a0|v0|k_k|k_a)$")
 
 
 def export_official_state_dict(model) -> Dict[str, torch.Tensor]:
     """The model's weights in the official RWKV-LM ``.pth`` layout (the inverse of ``map_state_dict``).
 
-    Mixing vectors go back to RWKV-LM's ``(1, 1, C)`` shape (RWKV-5.2's ``time_decay`` stays ``(H, N)``).
+    Mixing vectors go back to RWKV-LM's ``(1, 1, C)`` shape, as does RWKV-6's ``time_decay`` (RWKV-4's stays
+    ``(C,)`` and RWKV-5.2's ``(H, N)``).
     """
     version = model.config.rwkv_version
     out = {}
     for name, tensor in model.state_dict().items():
         key = hf_to_official_key(name)
-        if _OFFICIAL_BROADCAST_VECTORS.search(key) and tensor.dim() == 1:
+        broadcast = _OFFICIAL_BROADCAST_VECTORS.search(key) or (version == "6" and key.endswith(".att.time_decay"))
+        if broadcast and tensor.dim() == 1:
             tensor = tensor.reshape(1, 1, -1)
         out[key] = tensor.detach().clone()
     if version == "7":  # RWKV-LM saves layer 0's unused value-residual LoRA; the official loader expects the keys

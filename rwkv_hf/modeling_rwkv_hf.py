@@ -378,7 +378,7 @@ class RwkvPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # Decays and bonuses are exponentiated: keep them fp32 whatever dtype the model loads in (as the official
     # package does), along with the per-head GroupNorm.
-    _keep_in_fp32_modules = ["time_decay", "time_first", "time_faaaa", "ln_x"]
+    _keep_in_fp32_modules_strict = ["time_decay", "time_first", "time_faaaa", "ln_x"]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -193,3 +193,24 @@ def test_existing_output_is_never_overwritten_silently(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"
     assert cli_main(["convert", str(pth), str(out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_export_gives_back_the_official_layout(version):
+    from rwkv_hf.convert_rwkv_hf import export_official_state_dict
+
+    sd = small(version)
+    exported = export_official_state_dict(model_from_state_dict(sd))
+    assert set(exported) == set(sd)
+    for key, tensor in sd.items():
+        assert exported[key].shape == tensor.shape, key
+        if not (version == "7" and key.startswith("blocks.0.att.v")):  # layer 0's unused LoRA comes back as zeros
+            assert torch.equal(exported[key], tensor), key
+
+
+def test_decays_and_group_norm_stay_fp32_when_loading_in_bf16(tmp_path):
+    convert_rwkv_checkpoint(small("6"), tmp_path, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    att = model.rwkv.blocks[1].att
+    assert att.time_decay.dtype == att.time_faaaa.dtype == att.ln_x.weight.dtype == torch.float32
+    assert att.key.weight.dtype == torch.bfloat16
