@@ -118,17 +118,20 @@ class Rwkv5TimeMix(nn.Module):
         C, A = config.hidden_size, config.attention_hidden_size
         self.num_heads, self.head_size = config.num_attention_heads, config.head_size
         self.gn_eps = config.group_norm_epsilon
-        H, N = self.num_heads, self.head_size
-        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
-            setattr(self, name, nn.Parameter(torch.empty(C)))
-        self.time_decay = nn.Parameter(torch.empty(H, N))
-        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.init_token_shift_and_decay(config)
+        self.time_faaaa = nn.Parameter(torch.empty(self.num_heads, self.head_size))
         self.receptance = nn.Linear(C, A, bias=False)
         self.key = nn.Linear(C, A, bias=False)
         self.value = nn.Linear(C, A, bias=False)
         self.gate = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, A, eps=self.gn_eps)
+        self.ln_x = nn.GroupNorm(self.num_heads, A, eps=self.gn_eps)
+
+    def init_token_shift_and_decay(self, config: RwkvConfig):
+        """The parameters where 5.2 and 6 differ: static mixes and a constant per-channel decay here."""
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
+            setattr(self, name, nn.Parameter(torch.empty(config.hidden_size)))
+        self.time_decay = nn.Parameter(torch.empty(self.num_heads, self.head_size))
 
     def mixed_inputs(self, x, shifted):
         mix = lambda m: x * m + shifted * (1 - m)  # noqa: E731
@@ -158,13 +161,8 @@ class Rwkv5TimeMix(nn.Module):
 class Rwkv6TimeMix(Rwkv5TimeMix):
     """RWKV-6: RWKV-5.2 with data-dependent token shift (LoRA ``time_maa_w1/w2``) and per-token decay."""
 
-    def __init__(self, config: RwkvConfig, layer_id: int):
-        nn.Module.__init__(self)
-        self.layer_id = layer_id
+    def init_token_shift_and_decay(self, config: RwkvConfig):
         C, A = config.hidden_size, config.attention_hidden_size
-        self.num_heads, self.head_size = config.num_attention_heads, config.head_size
-        self.gn_eps = config.group_norm_epsilon
-        H, N = self.num_heads, self.head_size
         Dm, Dd = config.time_mix_extra_dim, config.time_decay_extra_dim
         for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
             setattr(self, name, nn.Parameter(torch.empty(C)))
@@ -173,13 +171,6 @@ class Rwkv6TimeMix(Rwkv5TimeMix):
         self.time_decay = nn.Parameter(torch.empty(A))
         self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.empty(Dd, A))
-        self.time_faaaa = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, A, eps=self.gn_eps)
 
     def mixed_inputs(self, x, shifted):
         B, T, C = x.shape

@@ -56,6 +56,13 @@ def _use_kernel(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and cuda_wkv_available()
 
 
+def _chunks(x: torch.Tensor, n: int, L: int) -> torch.Tensor:
+    """[B, T, H, N] -> [B, n, H, L, N] fp32, zero-padding the tail (a zero-padded step is the identity when
+    k = 0 (and a = b = 0) with log_w = 0)."""
+    B, T, H, N = x.shape
+    return _pad_time(x.float(), n * L).view(B, n, L, H, N).transpose(2, 3)
+
+
 def _pad_time(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
     """Pad dim 1 (time) at the end to ``length``."""
     extra = length - x.shape[1]
@@ -225,11 +232,7 @@ def wkv5_chunked(
     L = min(chunk_size, T)
     n = -(-T // L)
     u = u.float()
-    # Padded tail tokens: k = 0 adds nothing and log_w = 0 keeps the state as it was.
-    r, k, v, log_w = (
-        _pad_time(x.float().expand(B, T, H, N), n * L).view(B, n, L, H, N).transpose(2, 3)
-        for x in (r, k, v, log_w)
-    )  # each [B, n, H, L, N]
+    r, k, v, log_w = (_chunks(x.expand(B, T, H, N), n, L) for x in (r, k, v, log_w))  # each [B, n, H, L, N]
     # exp(e_t - c_s) is factored as exp(e_t) * exp(-c_s) so the pair weights are one matmul. In fp64 with a
     # per-step floor of e^-40 on the decay, exp(-c_s) stays finite over a chunk; a decay below e^-40 (4e-18)
     # already erases the state to fp32 precision, so the floor changes nothing visible.
@@ -321,10 +324,7 @@ def wkv7_chunked(
     B, T, H, N = r.shape
     L = min(chunk_size, T)
     n = -(-T // L)
-    # Padded tail tokens: k = a = b = 0 and log_w = 0 make the step the identity.
-    r, log_w, k, v, a, b = (
-        _pad_time(x.float(), n * L).view(B, n, L, H, N).transpose(2, 3) for x in (r, log_w, k, v, a, b)
-    )  # each [B, n, H, L, N]
+    r, log_w, k, v, a, b = (_chunks(x, n, L) for x in (r, log_w, k, v, a, b))  # each [B, n, H, L, N]
     # RWKV-7's decay is at least exp(-e^-0.5) per step, so over a chunk exp(-c_s) <= e^(0.61 L) and the pair
     # weights exp(e_t - c_s) can be factored into two matmul operands in fp32. The floor only guards callers
     # that pass a stronger decay than RWKV-7 can produce.
