@@ -22,7 +22,10 @@ try:
 
     from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer
 
-    AutoTokenizer.register(RwkvConfig, slow_tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    # Two registrations: the first makes the 20B class name resolvable from a folder's tokenizer_config.json,
+    # the last is the default. (One call with slow= and fast= classes maps the World name to the 20B class.)
+    AutoTokenizer.register(RwkvConfig, tokenizer_class=Rwkv20BTokenizer, exist_ok=True)
+    AutoTokenizer.register(RwkvConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 except ImportError:  # pragma: no cover - while the tokenizer module is being written
     pass
 

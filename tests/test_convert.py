@@ -214,3 +214,15 @@ def test_decays_and_group_norm_stay_fp32_when_loading_in_bf16(tmp_path):
     att = model.rwkv.blocks[1].att
     assert att.time_decay.dtype == att.time_faaaa.dtype == att.ln_x.weight.dtype == torch.float32
     assert att.key.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("version,vocab,expected", [("7", 65536, "RwkvWorldTokenizer"), ("4", 50277, "Rwkv20BTokenizer")])
+def test_the_converter_writes_the_tokenizer_the_vocabulary_size_implies(tmp_path, version, vocab, expected):
+    from transformers import AutoTokenizer
+
+    sd = make_official_checkpoint(version, n_layer=1, n_embd=32, head_size=16, vocab_size=vocab)
+    convert_rwkv_checkpoint(sd, tmp_path, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tokenizer).__name__ == expected
+    assert tokenizer.decode(tokenizer("User: hi\n\nAssistant:").input_ids) == "User: hi\n\nAssistant:"
+    assert (tmp_path / "tokenization_rwkv_hf.py").is_file()
