@@ -30,6 +30,26 @@ except ImportError:  # pragma: no cover - while the tokenizer module is being wr
     pass
 
 from .convert_rwkv_hf import convert_rwkv_checkpoint
+from .state_rwkv_hf import (
+    InitState,
+    StateFileError,
+    convert_state_file,
+    create_state_optimizer,
+    load_init_state,
+    make_init_state_trainable,
+    mix_init_states,
+    save_init_state,
+    state_tuning_training_arguments,
+    unload_init_state,
+)
+from . import demo
+
+try:  # state tuning as a PEFT method, when peft is installed
+    from .peft_rwkv_hf import StateTuningConfig, register_state_tuning
+
+    register_state_tuning()
+except ImportError:
+    StateTuningConfig = None
 
 __all__ = [
     "RwkvCache",
@@ -38,4 +58,15 @@ __all__ = [
     "RwkvModel",
     "RwkvPreTrainedModel",
     "convert_rwkv_checkpoint",
+    "InitState",
+    "StateFileError",
+    "StateTuningConfig",
+    "convert_state_file",
+    "create_state_optimizer",
+    "load_init_state",
+    "make_init_state_trainable",
+    "mix_init_states",
+    "save_init_state",
+    "state_tuning_training_arguments",
+    "unload_init_state",
 ]

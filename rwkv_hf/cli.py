@@ -18,8 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
 
     from .chat_cli import add_chat_parser
+    from .demo import add_demo_parser
 
     add_chat_parser(sub)
+    add_demo_parser(sub)
+    sub.add_parser("build-kernels", help="compile the CUDA WKV extension now (ahead of time) into the user cache")
     return parser
 
 
@@ -37,6 +40,14 @@ def main(argv=None) -> int:
         from .chat_cli import main_chat
 
         return main_chat(args)
+    if args.command == "demo":
+        from .demo import main_demo
+
+        return main_demo(args)
+    if args.command == "build-kernels":
+        from .build_kernels import main as build_main
+
+        return build_main([])
     return 1
 
 

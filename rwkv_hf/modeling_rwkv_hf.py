@@ -27,6 +27,16 @@ from .cache_rwkv_hf import CHANNEL_SHIFT, TIME_SHIFT, RwkvCache
 from .chat_rwkv_hf import RwkvChatModelMixin
 from .configuration_rwkv_hf import RwkvConfig
 from .ops_rwkv_hf import empty_wkv4_state, wkv4, wkv5, wkv7
+from .state_rwkv_hf import (
+    get_init_state,
+    init_state_cache,
+    list_init_states,
+    load_init_state,
+    mix_init_states,
+    save_init_state,
+    set_default_init_state,
+    unload_init_state,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -371,6 +381,16 @@ class RwkvPreTrainedModel(PreTrainedModel):
     # package does), along with the per-head GroupNorm.
     _keep_in_fp32_modules_strict = ["time_decay", "time_first", "time_faaaa", "ln_x"]
 
+    # Initial states (state files, mounting, tuning; see state_rwkv_hf): functions of the model, used as methods.
+    load_init_state = load_init_state
+    save_init_state = save_init_state
+    unload_init_state = unload_init_state
+    mix_init_states = mix_init_states
+    list_init_states = list_init_states
+    set_default_init_state = set_default_init_state
+    get_init_state = get_init_state
+    init_state_cache = init_state_cache
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers', but a checkpoint whose weights disagree with its config is an error, not a warning.
@@ -390,7 +410,23 @@ class RwkvPreTrainedModel(PreTrainedModel):
                 f"hidden_size {config.hidden_size}, vocab {config.vocab_size}): {details}. Was config.json edited, or "
                 "are the weights from another model?"
             )
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if model.config.rwkv_version != "4" and path is not None:
+            # A converted state-tuned checkpoint keeps its merged time_state beside the weights: start from it.
+            from .state_rwkv_hf import attach_default_init_state
+
+            attach_default_init_state(model, path, **kwargs)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', with a mounted default initial state saved beside the weights (not inside them)."""
+        base = getattr(self, "rwkv", self)
+        if getattr(base, "init_state", None) is not None and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if ".init_state." not in f".{k}"}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        from .state_rwkv_hf import save_default_init_state
+
+        save_default_init_state(self, save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -553,15 +589,17 @@ class RwkvModel(RwkvPreTrainedModel):
         cache = self._cache_for(past_key_values, use_cache, B)
 
         hidden = self.blocks[0].ln0(inputs_embeds)
-        start = None
-        if cache is None or not cache.is_initialized:
-            start = self._initial_layer_states(B, hidden.dtype, hidden.device, init_state)
+        # Decided once, before layer 0 writes into the cache: a fresh sequence starts every layer from the
+        # initial state (zeros, or a mounted / tuned one); a continued one reads every layer from the cache.
+        fresh = cache is None or not cache.is_initialized
+        start = self._initial_layer_states(B, hidden.dtype, hidden.device, init_state) if fresh else None
         rescale = self._rescale_every(hidden.dtype)
         all_hidden = (hidden,) if output_hidden_states else None
         v_first = None
         for i, block in enumerate(self.blocks):
-            state = start[i] if start is not None else LayerState()
-            if cache is not None and cache.is_initialized:
+            if fresh:
+                state = start[i] if start is not None else LayerState()
+            else:
                 state = LayerState(cache.shift_state(i, TIME_SHIFT), cache.shift_state(i, CHANNEL_SHIFT), cache.wkv_state(i))
             out_scale = 2.0 ** -(i // rescale) if rescale else 1.0
             if self.gradient_checkpointing and self.training:
@@ -591,7 +629,8 @@ class RwkvModel(RwkvPreTrainedModel):
             if name is not None:
                 raise ValueError(f"init_state={name!r} was requested but no initial state is loaded (see load_init_state)")
             return None
-        return [LayerState(*triple) for triple in self.init_state.layer_states(batch_size, dtype, device, name)]
+        # Called as a module so that hooks (FSDP, ZeRO-3, accelerate device maps) run.
+        return [LayerState(*triple) for triple in self.init_state(batch_size, dtype, device, name)]
 
     @staticmethod
     def _padding_mask(attention_mask, batch_size, seq_len) -> Optional[torch.Tensor]:
