@@ -81,7 +81,11 @@ class RwkvCache(Cache):
             # The steady state of decoding: plain in-place copies (static addresses kept for CUDA graphs).
             layer.conv_states[TIME_SHIFT].copy_(time_shift.unsqueeze(-1))
             layer.conv_states[CHANNEL_SHIFT].copy_(channel_shift.unsqueeze(-1))
-            layer.recurrent_states[WKV].copy_(wkv_state)
+            if wkv_state.device.type == "cpu" and wkv_state.dtype == torch.float32 and not wkv_state.requires_grad:
+                # No graphs on CPU: take the new fp32 state as is rather than copying 4*H*N*N bytes per layer.
+                layer.recurrent_states[WKV] = wkv_state
+            else:
+                layer.recurrent_states[WKV].copy_(wkv_state)
             return
         # update_conv_state flips has_previous_state, which is read before the recurrent state (see wkv_state).
         layer.update_conv_state(time_shift.unsqueeze(-1), TIME_SHIFT, conv_kernel_size=1)
