@@ -386,13 +386,6 @@ def _followup(rng: random.Random, facts, previous: QA) -> QA:
     return QA("followup", rng.choice(FOLLOWUP_TEMPLATES).format(target.key[-1]), target.answer, target.key, -1)
 
 
-def _fact_index(fact_list, key) -> int:
-    for k, qs in enumerate(fact_list):
-        if qs and qs[0].key == key:
-            return k
-    raise KeyError(key)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Training conversations
 # ---------------------------------------------------------------------------------------------------------
@@ -494,13 +487,18 @@ def prompt_text(turns: Sequence[QA]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# transformers' own defaults: with them set, greedy decoding draws no "flags are not valid" warning about the
+# sampling values of the model's generation_config.json (top_p=0.3)
+GREEDY = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
 def greedy_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 40, batch_size: int = 32) -> List[str]:
     """Greedy replies to chat prompts (left-padded batches, which are exact for RWKV), cut at the blank line."""
     import torch
     from transformers import GenerationConfig
 
     stop = [tokenizer.encode(TURN_END, add_special_tokens=False)[0], 0]
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=0, **GREEDY)
     answers: List[str] = []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -544,15 +542,18 @@ def evaluate(model, tokenizer, conversations: Sequence[Tuple[str, List[QA]]], **
 # `rwkv-hf demo`
 # ---------------------------------------------------------------------------------------------------------
 
+# What `rwkv-hf demo` asks. Apart from the greeting, every question is a held-out prompt of ``make_split()`` (never
+# in the training data), and so is each follow-up pair (tests/test_demo.py checks this).
 DEMO_PROMPTS = [
     ["Hi"],
-    ["Name the capital of Japan.", "And Kenya?"],
-    ["How many seconds are in 7 minutes?"],
-    ["What is 8 plus 7?"],
-    ["Spell the word tiger."],
-    ["Which month follows October?"],
-    ["Which is larger, 38 or 83?"],
-    ["Reverse the words: red moon gold"],
+    ["What is the capital of Cuba?", "What about Finland?"],
+    ["What is 4 hours in minutes?"],
+    ["How much is 7 plus 4?"],
+    ["Spell the word house.", "What about horse?"],
+    ["What month comes after July?"],
+    ["Which is larger, 72 or 97?"],
+    ["Say this back: cat water apple light rain"],
+    ["Reverse the words: light chair milk bear"],
 ]
 
 
@@ -572,19 +573,23 @@ def add_demo_parser(sub):
     return demo
 
 
-def stream_reply(model, tokenizer, input_ids, past_key_values=None, *, max_new_tokens=60, do_sample=False, out=sys.stdout):
+_STDOUT = object()
+
+
+def stream_reply(model, tokenizer, input_ids, past_key_values=None, *, max_new_tokens=60, do_sample=False, out=_STDOUT):
     """Stream one reply to ``out`` with ``TextIteratorStreamer`` while ``generate`` runs in a thread.
 
     ``input_ids`` is the whole conversation so far ([1, T]); with ``past_key_values`` (the state returned by the
     previous call) only the tokens the state has not seen are run. Returns ``(reply, sequences, state)``:
     ``sequences`` is the conversation including the reply (and the blank line that ended it), ready to be
-    extended with the next turn.
+    extended with the next turn. ``out``: where to print the reply as it grows (default ``sys.stdout``; None:
+    nowhere).
     """
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = [tokenizer.encode(TURN_END, add_special_tokens=False)[0], 0]
-    sampling = dict(do_sample=True, top_p=0.3, temperature=1.0) if do_sample else dict(do_sample=False, top_p=None, temperature=None)
+    sampling = dict(do_sample=True, top_p=0.3, temperature=1.0, top_k=0) if do_sample else dict(do_sample=False, **GREEDY)
     result = {}
 
     def run():
@@ -598,6 +603,7 @@ def stream_reply(model, tokenizer, input_ids, past_key_values=None, *, max_new_t
             result["error"] = err
             streamer.end()
 
+    out = sys.stdout if out is _STDOUT else out
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     pieces = []
@@ -623,7 +629,11 @@ def main_demo(args) -> int:
     model, tokenizer = load_demo(model_dir=folder)
     conversations = [args.prompt] if args.prompt else DEMO_PROMPTS
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"RWKV-7 demo model ({n_params:.1f}M parameters), converted folder: {folder}\n")
+    print(f"RWKV-7 demo model ({n_params:.1f}M parameters), converted folder: {folder}")
+    if not args.prompt:
+        print("Apart from the greeting, these questions were never in its training data. Ask your own with --prompt;")
+        print("it only knows its nine kinds of question (see demo/train_log.json).")
+    print()
     for turns in conversations:
         sequences, state = None, None
         for question in turns:
