@@ -16,7 +16,7 @@ softmax they then receive identical gradients and stay equal, so training them a
 computation, exactly: the loss is ``log(sum_used exp(z) + N_other * exp(z_other))``, the shared row's gradient is
 one row's gradient, and gradient clipping counts it ``N_other`` times. At step 0 the script checks that this loss
 equals ``model(input_ids, labels=labels).loss`` of the full model; ``--full-softmax`` trains with the plain
-65536-row head instead (same result up to rounding, ~5x slower). Export writes the shared row back into every
+65536-row head instead (the same losses, about 4x slower). Export writes the shared row back into every
 unused row, and all reported losses of the shipped model are computed with the full head.
 
 Written to ``--out``: ``rwkv7-demo.pth`` (official RWKV-LM layout, bf16; convert it with ``rwkv-hf convert``) and
