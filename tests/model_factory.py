@@ -39,3 +39,13 @@ def tiny_model(version, *, n_layer=2, n_embd=64, head_size=16, vocab_size=300, s
 def random_ids(batch, length, vocab_size=300, seed=0, low=1) -> torch.Tensor:
     """Token ids avoiding 0 (end of text), so greedy runs are not cut short by an early end-of-text."""
     return torch.randint(low, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_world_folder(root, seed):
+    """A converted 1-layer RWKV-7 folder with the World vocabulary and tokenizer (for chat tests)."""
+    from rwkv_hf import convert_rwkv_checkpoint
+
+    path = root / "tiny-world"
+    state_dict = make_official_checkpoint("7", vocab_size=65536, seed=seed, n_layer=1, n_embd=32, head_size=16)
+    convert_rwkv_checkpoint(state_dict, path, tokenizer="world", progress=False)
+    return path

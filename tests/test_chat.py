@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 import rwkv_hf
-from model_factory import model_from_state_dict
+from model_factory import model_from_state_dict, tiny_world_folder
 from rwkv_checkpoints import make_official_checkpoint
 from rwkv_hf.chat_rwkv_hf import RwkvToolCallError, parse_tool_call
 from rwkv_hf.logits_process_rwkv_hf import RwkvInvalidScoreLogitsProcessor, RwkvSamplingWarper
@@ -32,21 +32,12 @@ TURN_END_WORLD = 261  # "\n\n"
 NEWLINE_WORLD = 11  # "\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_world") / "tiny-world"
-    state_dict = make_official_checkpoint("7", vocab_size=65536, seed=3, **TINY)
-    rwkv_hf.convert_rwkv_checkpoint(state_dict, path, tokenizer="world", progress=False)
-    return path
+    return tiny_world_folder(tmp_path_factory.mktemp("chat_world"), seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -21,28 +21,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rwkv_hf
-from rwkv_checkpoints import make_official_checkpoint
+from model_factory import tiny_world_folder
 from rwkv_hf.chat_cli import _ChatSession, _CliError, _parse_overrides, main_chat
 from rwkv_hf.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=1, n_embd=32, head_size=16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_cli") / "tiny-world"
-    rwkv_hf.convert_rwkv_checkpoint(make_official_checkpoint("7", vocab_size=65536, seed=4, **TINY), path,
-                                    tokenizer="world", progress=False)
-    return path
+    return tiny_world_folder(tmp_path_factory.mktemp("chat_cli"), seed=4)
 
 
 @pytest.fixture(scope="module")
