@@ -100,7 +100,15 @@ class RwkvCache(Cache):
 
     def clone(self) -> "RwkvCache":
         """An independent copy (unfrozen) that can be advanced without touching this one."""
-        other = copy.deepcopy(self)
+        # Tensors are cloned rather than deep-copied: deepcopy refuses non-leaf tensors (a state from a forward
+        # run with autograd on); clone keeps them differentiable.
+        memo = {}
+        for layer in self.layers:
+            for states in (layer.conv_states, layer.recurrent_states):
+                for tensor in states.values():
+                    if isinstance(tensor, torch.Tensor):
+                        memo[id(tensor)] = tensor.clone()
+        other = copy.deepcopy(self, memo)
         other.frozen = False
         return other
 

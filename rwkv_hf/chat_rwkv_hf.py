@@ -63,6 +63,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import BaseStreamer
 
+from .compat_rwkv_hf import cache_kwargs, model_output_cache
+
 from .logits_process_rwkv_hf import (
     RwkvInvalidScoreLogitsProcessor,
     RwkvSamplingWarper,
@@ -583,7 +585,7 @@ class RwkvChatModelMixin:
         """Run ``generate`` for ``plan``. Yields the decoded text so far (when streaming), then a ``_GenerationResult``."""
         kwargs = dict(
             input_ids=plan.input_ids,
-            past_key_values=plan.cache,
+            **cache_kwargs(plan.cache),
             generation_config=plan.generation_config,
             logits_processor=plan.logits_processor,
             stopping_criteria=plan.stopping_criteria,
@@ -643,7 +645,7 @@ class RwkvChatModelMixin:
             stop = "eos"
         else:
             stop = "length"
-        cache = getattr(output, "past_key_values", None)
+        cache = model_output_cache(output)
         return _GenerationResult(token_ids, stop, cache, plan.input_ids[0].tolist() + token_ids)
 
     @torch.no_grad()
@@ -671,12 +673,9 @@ class RwkvChatModelMixin:
             if cache is None and "init_state" in plan.model_kwargs:
                 start["init_state"] = plan.model_kwargs["init_state"]
         if feed:
-            cache = self(
-                input_ids=torch.tensor([feed], dtype=torch.long, device=self.device),
-                past_key_values=cache,
-                use_cache=True,
-                **start,
-            ).past_key_values
+            cache = model_output_cache(
+                self(input_ids=torch.tensor([feed], dtype=torch.long, device=self.device), cache=cache, use_cache=True, **start)
+            )
         if len(ids) == cache.get_seq_length():
             cache._chat_token_ids = ids  # carried by clone(); the next turn shows them to the logits processors
         return cache.freeze()

@@ -315,9 +315,9 @@ def _bad_dtype(dtype):
 def default_generation_config(config: RwkvConfig):
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3, max_new_tokens=256
-    )
+    # No max_new_tokens here: transformers lets a saved max_new_tokens win over a caller's max_length, which
+    # cut ChatGLM3-style generate(max_length=500) calls short. chat/stream_chat bring their own length defaults.
+    return GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0, do_sample=True, temperature=1.0, top_p=0.3)
 
 
 def save_merged_init_state(init_states: Dict[str, torch.Tensor], config: RwkvConfig, path: Path):

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .compat_rwkv_hf import cache_kwargs, model_output_cache
+
 DEMO_CHECKPOINT_NAME = "rwkv7-demo.pth"
 DEMO_SEED = 20241210  # the data seed of the shipped model (the split below depends on it)
 TURN_END = "\n\n"
@@ -98,7 +100,7 @@ def demo_model_dir(
 ) -> Path:
     """Convert the demo checkpoint into a transformers folder once and return the folder.
 
-    The folder is ``{cache_dir}/rwkv7-demo-{sha256[:12]}-{dtype}`` (``cache_dir`` defaults to
+    The folder is ``{cache_dir}/rwkv7-demo-{sha256[:12]}-{dtype}-v{rwkv_hf version}`` (``cache_dir`` defaults to
     ``default_cache_dir()``), named after the checkpoint's digest so that a retrained checkpoint gets a fresh
     folder. The conversion is ``convert_rwkv_checkpoint`` (what ``rwkv-hf convert`` runs) into a temporary folder
     that is renamed when complete, so an interrupted first run never leaves a half-written model behind.
@@ -106,7 +108,11 @@ def demo_model_dir(
     """
     checkpoint = Path(checkpoint) if checkpoint is not None else demo_checkpoint_path()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"rwkv7-demo-{_file_digest(checkpoint)[:12]}-{dtype}"
+    from . import __version__
+
+    # the package version is part of the name: a folder converted by an older rwkv_hf carries its code and
+    # generation config
+    target = cache_dir / f"rwkv7-demo-{_file_digest(checkpoint)[:12]}-{dtype}-v{__version__}"
     if (target / "config.json").is_file():
         return target
     with _CONVERT_LOCK:
@@ -595,7 +601,7 @@ def stream_reply(model, tokenizer, input_ids, past_key_values=None, *, max_new_t
     def run():
         try:
             result["out"] = model.generate(
-                input_ids=input_ids, attention_mask=input_ids.new_ones(input_ids.shape), past_key_values=past_key_values,
+                input_ids=input_ids, attention_mask=input_ids.new_ones(input_ids.shape), **cache_kwargs(past_key_values),
                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=0, streamer=streamer,
                 return_dict_in_generate=True, **sampling,
             )
@@ -616,7 +622,7 @@ def stream_reply(model, tokenizer, input_ids, past_key_values=None, *, max_new_t
     if "error" in result:
         raise result["error"]
     generated = result["out"]
-    return "".join(pieces).split(TURN_END)[0].strip(), generated.sequences, generated.past_key_values
+    return "".join(pieces).split(TURN_END)[0].strip(), generated.sequences, model_output_cache(generated)
 
 
 def main_demo(args) -> int:

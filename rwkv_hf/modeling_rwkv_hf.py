@@ -14,6 +14,7 @@ The WKV recurrences themselves live in ``ops_rwkv_hf`` (PyTorch reference + chun
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -25,6 +26,7 @@ from transformers.utils import logging
 
 from .cache_rwkv_hf import CHANNEL_SHIFT, TIME_SHIFT, RwkvCache
 from .chat_rwkv_hf import RwkvChatModelMixin
+from .compat_rwkv_hf import CACHE_ARG, CACHE_NAMES, TRANSFORMERS_VERSION, cache_kwargs, reject_unknown_kwargs
 from .configuration_rwkv_hf import RwkvConfig
 from .ops_rwkv_hf import empty_wkv4_state, wkv4, wkv5, wkv7
 from .state_rwkv_hf import (
@@ -83,6 +85,15 @@ def group_norm_heads(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return out.view(B, T, H * N)
 
 
+def one_cache_argument(cache, past_key_values, output_attentions=None):
+    """The state passed as ``cache`` (transformers >= 5.24) or ``past_key_values`` (the older name), not both."""
+    if output_attentions:
+        raise ValueError("output_attentions=True: RWKV has no attention weights to return")
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the recurrent state once, as `cache` (or its older name `past_key_values`), not both")
+    return cache if cache is not None else past_key_values
+
+
 class LayerState:
     """The state one block reads and writes: shift inputs of both mixes and the WKV state."""
 
@@ -90,6 +101,20 @@ class LayerState:
 
     def __init__(self, time_shift=None, channel_shift=None, wkv=None):
         self.time_shift, self.channel_shift, self.wkv = time_shift, channel_shift, wkv
+
+
+# transformers' output classes, readable as ``.cache`` on every supported release: from 5.24 that is their field
+# (``.past_key_values`` a deprecated alias), before it an alias of their ``past_key_values`` field.
+@dataclass
+class RwkvModelOutput(BaseModelOutputWithPast):
+    if CACHE_ARG != "cache":
+        cache = property(lambda self: self.past_key_values, doc="The recurrent state (an RwkvCache).")
+
+
+@dataclass
+class RwkvCausalLMOutput(CausalLMOutputWithPast):
+    if CACHE_ARG != "cache":
+        cache = property(lambda self: self.past_key_values, doc="The recurrent state (an RwkvCache).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,17 +583,23 @@ class RwkvModel(RwkvPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[RwkvCache] = None,
+        cache: Optional[RwkvCache] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         init_state: Optional[str] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        output_attentions: Optional[bool] = None,
         **kwargs,
-    ) -> Union[Tuple, BaseModelOutputWithPast]:
+    ) -> Union[Tuple, RwkvModelOutput]:
         r"""
+        cache (`RwkvCache`, *optional*): the recurrent state to continue from (also accepted as
+            ``past_key_values``, the name transformers used before 5.24); updated in place unless frozen.
         init_state (`str`, *optional*): name of a mounted initial state to start fresh sequences from (see
-            ``load_init_state``); ignored when ``past_key_values`` already holds a state.
+            ``load_init_state``); ignored when ``cache`` already holds a state.
         """
+        reject_unknown_kwargs(type(self).__name__, kwargs)
+        given_cache = one_cache_argument(cache, past_key_values, output_attentions)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -591,7 +622,7 @@ class RwkvModel(RwkvPreTrainedModel):
         B, T, _ = inputs_embeds.shape
 
         mask = self._padding_mask(attention_mask, B, T)
-        cache = self._cache_for(past_key_values, use_cache, B)
+        cache = self._cache_for(given_cache, use_cache, B)
 
         hidden = self.blocks[0].ln0(inputs_embeds)
         # Decided once, before layer 0 writes into the cache: a fresh sequence starts every layer from the
@@ -627,7 +658,7 @@ class RwkvModel(RwkvPreTrainedModel):
 
         if not return_dict:
             return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
+        return RwkvModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache))
 
     def _initial_layer_states(self, batch_size, dtype, device, name):
         if self.init_state is None:
@@ -650,27 +681,27 @@ class RwkvModel(RwkvPreTrainedModel):
         mask = attention_mask[:, -seq_len:].bool()
         return None if bool(mask.all()) else mask
 
-    def _cache_for(self, past_key_values, use_cache, batch_size) -> Optional[RwkvCache]:
-        if past_key_values is None:
+    def _cache_for(self, given, use_cache, batch_size) -> Optional[RwkvCache]:
+        if given is None:
             return RwkvCache(self.config) if use_cache else None
-        if not hasattr(past_key_values, "shift_state"):  # duck-typed: remote-code copies have their own class
+        if not hasattr(given, "shift_state"):  # duck-typed: remote-code copies have their own class
             raise TypeError(
-                f"past_key_values must be an RwkvCache (the state returned by this model), got {type(past_key_values).__name__}"
+                f"cache must be an RwkvCache (the state returned by this model), got {type(given).__name__}"
             )
-        if getattr(past_key_values, "rwkv_version", self.config.rwkv_version) != self.config.rwkv_version or len(
-            past_key_values.layers
+        if getattr(given, "rwkv_version", self.config.rwkv_version) != self.config.rwkv_version or len(
+            given.layers
         ) != self.config.num_hidden_layers:
             raise ValueError(
-                f"past_key_values holds an RWKV-{past_key_values.rwkv_version} state with {len(past_key_values.layers)} "
+                f"cache holds an RWKV-{given.rwkv_version} state with {len(given.layers)} "
                 f"layers; this model is RWKV-{self.config.rwkv_version} with {self.config.num_hidden_layers} layers"
             )
-        cache = past_key_values.ensure_writable()
+        cache = given.ensure_writable()
         if cache.is_initialized and cache.batch_size != batch_size:
             if cache.batch_size == 1:  # one saved prompt state seeding several rows (beams, samples)
-                cache = cache.clone() if cache is past_key_values and past_key_values.frozen else cache
+                cache = cache.clone() if cache is given and given.frozen else cache
                 cache.batch_repeat_interleave(batch_size)
             else:
-                raise ValueError(f"past_key_values has batch size {cache.batch_size} but the input has {batch_size}")
+                raise ValueError(f"cache has batch size {cache.batch_size} but the input has {batch_size}")
         return cache
 
 
@@ -718,37 +749,71 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
             if weight.is_contiguous() and weight.shape[0] >= weight.shape[1]:
                 weight.data = weight.data.t().contiguous().t()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # Names containing "rwkv" get no default cache from generate; create ours so prefill chunking works.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = RwkvCache(self.config)
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """transformers' own preparation, then a check that the state is really being carried between steps.
+
+        A recurrent model that loses its state still produces fluent text, just wrong text: if transformers ever
+        stops handing the cache back (as 5.24's rename of ``past_key_values`` to ``cache`` would have done to a
+        model reading the old name), fail on the first step that feeds fewer tokens than the sequence holds.
+        """
+        foreign = [name for name in CACHE_NAMES if name != CACHE_ARG and kwargs.get(name) is not None]
+        if foreign:  # e.g. generate(cache=...) on a transformers that still says past_key_values: never trimmed
+            raise TypeError(
+                f"generate got the state as {foreign[0]!r}, but transformers {TRANSFORMERS_VERSION} carries it as "
+                f"{CACHE_ARG!r}: pass generate({CACHE_ARG}=...)"
+            )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        fed = model_inputs.get("input_ids")
+        if fed is None:
+            fed = model_inputs.get("inputs_embeds")
+        if (
+            model_inputs.get(CACHE_ARG) is None
+            and model_inputs.get("use_cache", True) is not False
+            and fed is not None
+            and fed.shape[1] < input_ids.shape[1]
+        ):
+            raise RuntimeError(
+                f"generate fed {fed.shape[1]} of {input_ids.shape[1]} tokens without the recurrent state (expected "
+                f"under {CACHE_ARG!r}): this transformers ({TRANSFORMERS_VERSION}) carries the cache differently "
+                "from what rwkv_hf knows. Upgrade rwkv_hf, or pass use_cache=False (slow but correct)."
+            )
+        return model_inputs
 
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[RwkvCache] = None,
+        cache: Optional[RwkvCache] = None,
         use_cache: Optional[bool] = None,
         labels: Optional[torch.LongTensor] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         init_state: Optional[str] = None,
+        past_key_values: Optional[RwkvCache] = None,
+        output_attentions: Optional[bool] = None,
         **kwargs,
-    ) -> Union[Tuple, CausalLMOutputWithPast]:
+    ) -> Union[Tuple, RwkvCausalLMOutput]:
         r"""
+        cache (`RwkvCache`, *optional*): the recurrent state (see ``RwkvModel.forward``); ``past_key_values`` is
+            the same argument under its pre-5.24 name. The output carries the new state under the name the
+            installed transformers uses (``cache`` from 5.24, ``past_key_values`` before).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the causal-LM loss (shifted inside: position t predicts labels[t+1]); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions
             (0 = all), or for the given indices.
         """
+        # Only the loss keywords transformers' Trainer passes may go unnamed; anything else is a caller (or a
+        # transformers release) speaking a different contract, and must not be silently dropped.
+        reject_unknown_kwargs(type(self).__name__, kwargs)
+        cache = one_cache_argument(cache, past_key_values, output_attentions)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.rwkv(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -763,13 +828,12 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 
+        new_cache = outputs.cache
         if not return_dict:
-            output = (logits, outputs.past_key_values, outputs.hidden_states)
+            output = (logits, new_cache, outputs.hidden_states)
             output = tuple(x for x in output if x is not None)
             return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
-        )
+        return RwkvCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, **cache_kwargs(new_cache))
 
 
-__all__ = ["RwkvPreTrainedModel", "RwkvModel", "RwkvForCausalLM", "RwkvCache"]
+__all__ = ["RwkvPreTrainedModel", "RwkvModel", "RwkvForCausalLM", "RwkvCache", "RwkvModelOutput", "RwkvCausalLMOutput"]

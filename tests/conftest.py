@@ -23,6 +23,7 @@ The oracle fixtures skip when the ``rwkv`` package is not installed.  Tests mark
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -63,6 +64,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' deprecation notices are errors here
+# --------------------------------------------------------------------------------------------------
+# FutureWarnings that name this package's classes are turned into errors in pyproject.toml; transformers also
+# announces renames through its logger (e.g. "`past_key_values`/`cache_params` are deprecated. Use `cache`
+# instead."), once per process. A coming rename must fail CI before it fails users, so any such notice logged
+# while a test runs fails that test.
+
+
+class _DeprecationNotices(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.records.append(f"{record.name}: {message}")
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecation_notices():
+    handler = _DeprecationNotices()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.records, f"transformers logged a deprecation notice: {handler.records}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def assert_same_state(a, b, atol=1e-5):
 
 def state_of(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids]), use_cache=True).past_key_values
+        return model(torch.tensor([ids]), use_cache=True).cache
 
 
 # --- ChatGLM3 code, unchanged ----------------------------------------------------------------------------------
@@ -97,9 +97,11 @@ def test_chatglm3_client_code_runs_unchanged(model, tokenizer):
     inputs = tokenizer.build_chat_input(query, history=history, role=role)
     inputs = inputs.to(model.device)
     eos_token_id = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-    # (ChatGLM3's snippet says max_length; the folder's generation_config.json sets max_new_tokens, which wins)
-    gen_kwargs = {"max_new_tokens": 12, "num_beams": 1, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
+    gen_kwargs = {"max_length": 500, "num_beams": 1, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
     outputs = model.generate(**inputs, **gen_kwargs, eos_token_id=eos_token_id)
+    # generate honours the caller's max_length (the folder's generation_config.json must not cap it): the reply
+    # ends on one of the stop tokens or runs to exactly 500 tokens in all
+    assert outputs.shape[1] == 500 or outputs[0, -1].item() in eos_token_id, outputs.shape
     outputs = outputs.tolist()[0][len(inputs["input_ids"][0]) : -1]
     response = tokenizer.decode(outputs)
     history.append({"role": role, "content": query})
@@ -217,7 +219,7 @@ def test_state_continuation_equals_reencoding_the_history(model, tokenizer):
     assert_same_state(cont[2], fresh[2])
     probe = torch.tensor([[5585, 41693, 59]])
     with torch.no_grad():
-        torch.testing.assert_close(model(probe, past_key_values=cont[2]).logits, model(probe, past_key_values=fresh[2]).logits,
+        torch.testing.assert_close(model(probe, cache=cont[2]).logits, model(probe, cache=fresh[2]).logits,
                                    atol=1e-5, rtol=0)
     # the saved state of turn 1 was not changed by turn 2 (nor by the probe forwards)
     assert_same_state(state, snapshot, atol=0)

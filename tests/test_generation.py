@@ -10,6 +10,7 @@ from transformers import TextIteratorStreamer, pipeline
 
 from model_factory import VERSIONS, random_ids, tiny_model
 from rwkv_hf import RwkvCache
+from rwkv_hf.compat_rwkv_hf import cache_kwargs, model_output_cache
 
 # Greedy/beam comparisons are token-exact; logits comparisons use fp32 tolerance (1e-5: the chunked and the
 # recurrent forms of the WKV sum in different orders).
@@ -51,8 +52,8 @@ def test_left_padded_batch_rows_equal_single_runs(model):
 def test_left_padded_state_equals_unpadded_state(model):
     row = random_ids(1, 7, seed=4)
     ids, mask = left_pad([row, random_ids(1, 12, seed=5)])
-    padded = model(ids, attention_mask=mask, use_cache=True).past_key_values
-    alone = model(row, use_cache=True).past_key_values
+    padded = model(ids, attention_mask=mask, use_cache=True).cache
+    alone = model(row, use_cache=True).cache
     for layer in range(model.config.num_hidden_layers):
         torch.testing.assert_close(padded.wkv_state(layer)[0], alone.wkv_state(layer)[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(padded.shift_state(layer, 0)[0], alone.shift_state(layer, 0)[0], atol=ATOL, rtol=0)
@@ -79,8 +80,8 @@ def test_beam_search_with_cache_equals_without(model):
 def test_generate_continued_from_returned_cache_equals_full_generation(model):
     ids = random_ids(1, 9, seed=8)
     first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, **NO_EOS)
-    assert first.past_key_values.get_seq_length() == ids.shape[1] + 5 - 1  # the last sampled token is not fed yet
-    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5, do_sample=False, **NO_EOS)
+    assert model_output_cache(first).get_seq_length() == ids.shape[1] + 5 - 1  # the last sampled token is not fed yet
+    continued = model.generate(first.sequences, **cache_kwargs(model_output_cache(first)), max_new_tokens=5, do_sample=False, **NO_EOS)
     full = model.generate(ids, max_new_tokens=10, do_sample=False, **NO_EOS)
     assert continued.tolist() == full.tolist()
 
@@ -90,7 +91,7 @@ def test_prefix_cache_plus_rest_equals_whole_prompt(model):
     ids = random_ids(2, 20, seed=9)
     whole = model(ids).logits
     prefix = model(ids[:, :11], use_cache=True)
-    rest = model(ids[:, 11:], past_key_values=prefix.past_key_values, use_cache=True)
+    rest = model(ids[:, 11:], cache=prefix.cache, use_cache=True)
     torch.testing.assert_close(rest.logits, whole[:, 11:], atol=ATOL, rtol=0)
 
 
@@ -100,8 +101,8 @@ def test_token_by_token_equals_one_call(model):
     whole = model(ids).logits
     cache, steps = None, []
     for t in range(ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
         steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), whole, atol=ATOL, rtol=0)
     assert cache.get_seq_length() == ids.shape[1]
@@ -110,11 +111,11 @@ def test_token_by_token_equals_one_call(model):
 @torch.no_grad()
 def test_frozen_state_is_never_mutated_and_seeds_many_generations(model):
     prompt = random_ids(1, 8, seed=11)
-    state = model(prompt, use_cache=True).past_key_values.freeze()
+    state = model(prompt, use_cache=True).cache.freeze()
     snapshot = state.clone()
     cont = random_ids(1, 1, seed=12)
-    a = model.generate(torch.cat([prompt, cont], 1), past_key_values=state, max_new_tokens=4, do_sample=False, **NO_EOS)
-    b = model.generate(torch.cat([prompt, cont], 1), past_key_values=state, max_new_tokens=4, do_sample=False, **NO_EOS)
+    a = model.generate(torch.cat([prompt, cont], 1), **cache_kwargs(state), max_new_tokens=4, do_sample=False, **NO_EOS)
+    b = model.generate(torch.cat([prompt, cont], 1), **cache_kwargs(state), max_new_tokens=4, do_sample=False, **NO_EOS)
     assert a.tolist() == b.tolist()
     for layer in range(model.config.num_hidden_layers):
         assert torch.equal(state.wkv_state(layer), snapshot.wkv_state(layer))
@@ -125,27 +126,27 @@ def test_frozen_state_is_never_mutated_and_seeds_many_generations(model):
 @torch.no_grad()
 def test_clone_forks_an_independent_state(model):
     out = model(random_ids(1, 6, seed=13), use_cache=True)
-    fork = out.past_key_values.clone()
-    model(random_ids(1, 3, seed=14), past_key_values=out.past_key_values, use_cache=True)
+    fork = out.cache.clone()
+    model(random_ids(1, 3, seed=14), cache=out.cache, use_cache=True)
     assert fork.get_seq_length() == 6
-    assert not torch.equal(fork.wkv_state(0), out.past_key_values.wkv_state(0))
+    assert not torch.equal(fork.wkv_state(0), out.cache.wkv_state(0))
 
 
 @torch.no_grad()
 def test_one_saved_state_expands_to_beams(model):
     prompt = random_ids(1, 7, seed=15)
-    state = model(prompt[:, :-1], use_cache=True).past_key_values.freeze()
+    state = model(prompt[:, :-1], use_cache=True).cache.freeze()
     kwargs = dict(max_new_tokens=5, num_beams=2, do_sample=False, **NO_EOS)
-    assert model.generate(prompt, past_key_values=state, **kwargs).tolist() == model.generate(prompt, **kwargs).tolist()
+    assert model.generate(prompt, **cache_kwargs(state), **kwargs).tolist() == model.generate(prompt, **kwargs).tolist()
 
 
 @torch.no_grad()
 def test_stacked_states_give_each_row_its_own_history(model):
     a, b = random_ids(1, 5, seed=16), random_ids(1, 5, seed=17)
-    sa = model(a, use_cache=True).past_key_values
-    sb = model(b, use_cache=True).past_key_values
+    sa = model(a, use_cache=True).cache
+    sb = model(b, use_cache=True).cache
     nxt = random_ids(2, 3, seed=18)
-    both = model(nxt, past_key_values=RwkvCache.stack([sa, sb]), use_cache=True).logits
+    both = model(nxt, cache=RwkvCache.stack([sa, sb]), use_cache=True).logits
     torch.testing.assert_close(both[0], model(torch.cat([a, nxt[:1]], 1)).logits[0, 5:], atol=ATOL, rtol=0)
     torch.testing.assert_close(both[1], model(torch.cat([b, nxt[1:]], 1)).logits[0, 5:], atol=ATOL, rtol=0)
 
@@ -253,14 +254,14 @@ def test_empty_input_is_refused(model):
 
 def test_a_state_from_another_model_is_refused():
     v7, v6 = tiny_model("7"), tiny_model("6")
-    state = v6(random_ids(1, 3), use_cache=True).past_key_values
+    state = v6(random_ids(1, 3), use_cache=True).cache
     with pytest.raises(ValueError, match="RWKV-6 state"):
-        v7(random_ids(1, 3), past_key_values=state)
+        v7(random_ids(1, 3), cache=state)
     with pytest.raises(TypeError, match="RwkvCache"):
-        v7(random_ids(1, 3), past_key_values=[torch.zeros(1)])
+        v7(random_ids(1, 3), cache=[torch.zeros(1)])
 
 
 def test_a_cache_cannot_be_cropped(model):
-    cache = model(random_ids(1, 3), use_cache=True).past_key_values
+    cache = model(random_ids(1, 3), use_cache=True).cache
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(1)

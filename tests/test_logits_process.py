@@ -519,9 +519,8 @@ def test_sampling_generate_with_a_preset_samples_chatrwkvs_distribution(tiny_lm)
     cfg, procs = prepare_rwkv_generation(tok, load_generation_preset("chat", max_new_tokens=30))
     prompt = torch.tensor([[5, 9, 7, 9], [3, 4, 10, 2]])
     torch.manual_seed(123)
-    out = tiny_lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg,
-                           logits_processor=procs, output_logits=True, output_scores=True,
-                           return_dict_in_generate=True)
+    cfg.update(output_logits=True, output_scores=True, return_dict_in_generate=True)
+    out = tiny_lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg, logits_processor=procs)
     raw = torch.stack(out.logits, 1)
     processed = torch.stack(out.scores, 1)
     avoid = {vocab[c] for c in "，：？！"}

@@ -53,18 +53,18 @@ def test_whole_sequence_in_one_call(official_case, converted, version, shape):
     with torch.no_grad():
         out = model(case.tokens[None], use_cache=True)
     torch.testing.assert_close(out.logits[0], case.oracle["logits_full"], atol=LOGITS_ATOL, rtol=0)
-    assert_state_close(out.past_key_values, case.oracle["state_full"])
+    assert_state_close(out.cache, case.oracle["state_full"])
 
 
 @pytest.mark.parametrize("version,shape", PLAIN_CASES, ids=[f"v{v}-{s}" for v, s in PLAIN_CASES])
-def test_token_by_token_through_past_key_values(official_case, converted, version, shape):
+def test_token_by_token_through_the_cache(official_case, converted, version, shape):
     case = official_case(version, shape)
     model = converted(case)
     cache, logits = None, []
     with torch.no_grad():
         for token in case.tokens:
-            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(token.view(1, 1), cache=cache, use_cache=True)
+            cache = out.cache
             logits.append(out.logits[0, -1])
     torch.testing.assert_close(torch.stack(logits), case.oracle["logits_step"], atol=LOGITS_ATOL, rtol=0)
     assert_state_close(cache, case.oracle["state_step"])
@@ -77,8 +77,8 @@ def test_chunked_prefill(official_case, converted, version, shape):
     cache, last, start = None, [], 0
     with torch.no_grad():
         for end in case.oracle["chunk_ends"]:
-            out = model(case.tokens[None, start:end], past_key_values=cache, use_cache=True)
-            cache, start = out.past_key_values, end
+            out = model(case.tokens[None, start:end], cache=cache, use_cache=True)
+            cache, start = out.cache, end
             last.append(out.logits[0, -1])
     torch.testing.assert_close(torch.stack(last), case.oracle["logits_chunked"], atol=LOGITS_ATOL, rtol=0)
     assert_state_close(cache, case.oracle["state_chunked"])
@@ -91,9 +91,9 @@ def test_starting_from_a_tuned_state(official_case, converted, version):
     model = converted(case)
     init = RwkvCache.from_official_state(model.config, case.oracle["init_state"])
     with torch.no_grad():
-        out = model(case.tokens[None], past_key_values=init, use_cache=True)
+        out = model(case.tokens[None], cache=init, use_cache=True)
     torch.testing.assert_close(out.logits[0], case.oracle["logits_full"], atol=LOGITS_ATOL, rtol=0)
-    assert_state_close(out.past_key_values, case.oracle["state_full"])
+    assert_state_close(out.cache, case.oracle["state_full"])
 
 
 def test_deep_embed_is_refused_rather_than_silently_wrong(official_case, tmp_path):

@@ -19,6 +19,7 @@ from model_factory import model_from_state_dict, random_ids, tiny_model
 from official_oracle import run_official_many
 from rwkv_checkpoints import make_official_checkpoint, save_official_checkpoint
 from rwkv_hf import RwkvCache, convert_rwkv_checkpoint
+from rwkv_hf.compat_rwkv_hf import cache_kwargs
 from rwkv_hf.state_rwkv_hf import (
     StateFileError,
     attach_default_init_state,
@@ -87,8 +88,8 @@ def test_pth_state_gives_the_official_logits(official_case, tmp_path, version):
     cache, steps = None, []
     with torch.no_grad():
         for token in case.tokens:
-            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(token.view(1, 1), cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits[0, -1])
     torch.testing.assert_close(torch.stack(steps), case.oracle["logits_step"], atol=LOGITS_ATOL, rtol=0)
 
@@ -255,7 +256,7 @@ def two_states():
 def test_named_states_are_chosen_per_call(two_states):
     model, ids = two_states, random_ids(1, 10)
     zero = logits(model, ids)  # named states do not change the default
-    via_cache = logits(model, ids, past_key_values=init_state_cache(model, "a"), use_cache=True)
+    via_cache = logits(model, ids, cache=init_state_cache(model, "a"), use_cache=True)
     torch.testing.assert_close(logits(model, ids, init_state="a"), via_cache, atol=ATOL, rtol=0)
     assert not torch.allclose(logits(model, ids, init_state="a"), zero)
     assert not torch.allclose(logits(model, ids, init_state="a"), logits(model, ids, init_state="b"))
@@ -269,7 +270,7 @@ def test_generate_takes_init_state(two_states):
     model, ids = two_states, random_ids(1, 6)
     kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     named = model.generate(ids, init_state="b", **kw)
-    seeded = model.generate(ids, past_key_values=init_state_cache(model, "b"), **kw)
+    seeded = model.generate(ids, **cache_kwargs(init_state_cache(model, "b")), **kw)
     assert named.tolist() == seeded.tolist()
     assert named.tolist() != model.generate(ids, **kw).tolist()
 
@@ -280,7 +281,7 @@ def test_each_row_of_a_batch_can_use_its_own_state(two_states):
     for i, name in enumerate(["a", None, "b"]):
         torch.testing.assert_close(rows[i], logits(model, ids[i : i + 1], init_state=name)[0], atol=ATOL, rtol=0)
     stacked = RwkvCache.stack([init_state_cache(model, n) for n in ("a", None, "b")])
-    torch.testing.assert_close(logits(model, ids, past_key_values=stacked, use_cache=True), rows, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, ids, cache=stacked, use_cache=True), rows, atol=ATOL, rtol=0)
 
 
 def test_states_can_be_mixed(two_states):
@@ -297,7 +298,7 @@ def test_a_prompt_state_becomes_a_named_initial_state(two_states):
     model = two_states
     prompt, rest = random_ids(1, 12, seed=7), random_ids(1, 5, seed=8)
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = model(prompt, use_cache=True).cache
     load_init_state(model, cache, name="system")
     whole = logits(model, torch.cat([prompt, rest], dim=1))[:, -rest.shape[1] :]
     torch.testing.assert_close(logits(model, rest, init_state="system"), whole, atol=ATOL, rtol=0)
