@@ -82,7 +82,7 @@ RWKV_CHAT_TEMPLATE = """\
         {{- raise_exception("chat message " ~ loop.index0 ~ ": unknown role " ~ (message.role | default("(missing)"))
             ~ "; expected one of 'system', 'user', 'assistant', 'observation'") -}}
     {%- endif -%}
-    {%- if message.content is not defined -%}
+    {%- if message.content is not defined or message.content is none -%}
         {{- raise_exception("chat message " ~ loop.index0 ~ " (role '" ~ message.role ~ "') has no 'content'") -}}
     {%- endif -%}
     {%- if message.content is not string -%}

@@ -11,10 +11,12 @@ import venv
 
 import pytest
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
-from model_factory import model_from_state_dict, random_ids
-from rwkv_checkpoints import make_official_checkpoint
 from rwkv_hf import convert_rwkv_checkpoint
+
+LOGITS_ATOL = 1e-4  # against the official package (test_parity's budget)
 
 
 @pytest.fixture(scope="module")
@@ -37,35 +39,49 @@ def fresh_python(tmp_path_factory):
     return python
 
 
-@pytest.mark.parametrize("version", ["4", "7"])
-def test_trust_remote_code_without_the_package_gives_the_same_logits(tmp_path, fresh_python, version):
-    sd = make_official_checkpoint(version, n_layer=2, n_embd=64, head_size=16, vocab_size=300, seed=3)
-    convert_rwkv_checkpoint(sd, tmp_path / "model", progress=False)
-    ids = random_ids(1, 10)
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    try:
+        import rwkv_hf
+        sys.exit("rwkv_hf must not be importable here")
+    except ImportError:
+        pass
+    import transformers
+    from transformers import AutoModelForCausalLM
+    folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
-        expected = model_from_state_dict(sd)(ids).logits[0].tolist()
-        greedy = model_from_state_dict(sd).generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0].tolist()
-    script = textwrap.dedent(
-        f"""
-        import json, sys, torch
-        try:
-            import rwkv_hf
-            sys.exit("rwkv_hf must not be importable here")
-        except ImportError:
-            pass
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
-        ids = torch.tensor({ids.tolist()})
-        with torch.no_grad():
-            logits = model(ids).logits[0].tolist()
-            greedy = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0].tolist()
-        print(json.dumps({{"module": type(model).__module__, "logits": logits, "greedy": greedy}}))
-        """
-    )
+        logits = model(ids).logits[0].tolist()
+        greedy = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
+        # the same six tokens by hand, carrying the state through the outputs' `cache`
+        out, loop = model(ids, use_cache=True), ids
+        for _ in range(6):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            loop = torch.cat([loop, token], 1)
+            out = model(token, cache=out.cache, use_cache=True)
+    print(json.dumps({"module": type(model).__module__, "transformers": transformers.__version__,
+                      "logits": logits, "greedy": greedy, "loop": loop[0].tolist()}))
+    """
+)
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_trust_remote_code_without_the_package_gives_the_official_logits(tmp_path, fresh_python, official_case, version):
+    case = official_case(version)
+    convert_rwkv_checkpoint(case.ckpt_path, tmp_path / "model", progress=False)
+    ids = case.tokens[None]
     # cwd elsewhere: the project folder on sys.path would make rwkv_hf importable again
-    result = subprocess.run([fresh_python, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [fresh_python, "-c", REMOTE_SCRIPT, str(tmp_path / "model"), json.dumps(ids.tolist())],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["module"].startswith("transformers_modules.")
-    torch.testing.assert_close(torch.tensor(out["logits"]), torch.tensor(expected), atol=1e-6, rtol=0)
-    assert out["greedy"] == greedy
+    assert out["transformers"] == transformers.__version__
+    torch.testing.assert_close(torch.tensor(out["logits"]), case.oracle["logits_full"], atol=LOGITS_ATOL, rtol=0)
+    assert out["greedy"] == out["loop"]
+    with torch.no_grad():  # and the installed package generates the same
+        installed = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+        assert installed.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist() == out["greedy"]
