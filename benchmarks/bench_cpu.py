@@ -63,11 +63,11 @@ def bench_ours(model, prompt, decode_tokens, repeats):
             model(prompt, logits_to_keep=1, use_cache=True)
 
         def decode():
-            cache = model(prompt[:, :8], use_cache=True, logits_to_keep=1).past_key_values
+            cache = model(prompt[:, :8], use_cache=True, logits_to_keep=1).cache
             token = prompt[:, 8:9]
             for _ in range(decode_tokens):
-                out = model(token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(token, cache=cache, use_cache=True)
+                cache = out.cache
 
         p_best, p_med = timed(prefill, repeats)
         d_best, d_med = timed(decode, repeats)

@@ -68,13 +68,13 @@ def build(name):
 @torch.inference_mode()
 def decode_tokens_per_s(model, batch, steps=64):
     ids = torch.randint(1, 65536, (batch, 16), device="cuda")
-    cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache = model(ids, use_cache=True, logits_to_keep=1).cache
     token = ids[:, -1:]
 
     def run():
         nonlocal cache
         for _ in range(steps):
-            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+            cache = model(token, cache=cache, use_cache=True).cache
 
     t = cuda_time(run, repeats=3)
     return batch * steps / t, t / steps
