@@ -13,6 +13,7 @@ The WKV recurrences themselves live in ``ops_rwkv_hf`` (PyTorch reference + chun
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -26,7 +27,7 @@ from transformers.utils import logging
 
 from .cache_rwkv_hf import CHANNEL_SHIFT, TIME_SHIFT, RwkvCache
 from .chat_rwkv_hf import RwkvChatModelMixin
-from .compat_rwkv_hf import CACHE_ARG, CACHE_NAMES, TRANSFORMERS_VERSION, cache_kwargs, reject_unknown_kwargs
+from .compat_rwkv_hf import CACHE_ARG, TRANSFORMERS_VERSION, cache_kwargs, reject_unknown_kwargs
 from .configuration_rwkv_hf import RwkvConfig
 from .ops_rwkv_hf import empty_wkv4_state, wkv4, wkv5, wkv7
 from .state_rwkv_hf import (
@@ -749,6 +750,18 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
             if weight.is_contiguous() and weight.shape[0] >= weight.shape[1]:
                 weight.data = weight.data.t().contiguous().t()
 
+    @functools.wraps(GenerationMixin.generate)
+    def generate(self, *args, **kwargs):
+        # transformers gives models named "*Rwkv*" no default cache, and chunked prefill (prefill_chunk_size)
+        # refuses to run without one: start such a call from a fresh state, as any call without one does.
+        config = kwargs.get("generation_config") or self.generation_config
+        chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        if chunked and kwargs.get("use_cache", True) is not False and all(
+            kwargs.get(name) is None for name in ("cache", "past_key_values")
+        ):
+            kwargs[CACHE_ARG] = RwkvCache(self.config)
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """transformers' own preparation, then a check that the state is really being carried between steps.
 
@@ -756,10 +769,11 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
         stops handing the cache back (as 5.24's rename of ``past_key_values`` to ``cache`` would have done to a
         model reading the old name), fail on the first step that feeds fewer tokens than the sequence holds.
         """
-        foreign = [name for name in CACHE_NAMES if name != CACHE_ARG and kwargs.get(name) is not None]
-        if foreign:  # e.g. generate(cache=...) on a transformers that still says past_key_values: never trimmed
+        if CACHE_ARG != "cache" and kwargs.get("cache") is not None:
+            # generate(cache=...) on a transformers that does not know the name yet: it would feed the whole
+            # prompt again on top of the state instead of only the new tokens
             raise TypeError(
-                f"generate got the state as {foreign[0]!r}, but transformers {TRANSFORMERS_VERSION} carries it as "
+                f"generate got the state as 'cache', but transformers {TRANSFORMERS_VERSION} carries it as "
                 f"{CACHE_ARG!r}: pass generate({CACHE_ARG}=...)"
             )
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)

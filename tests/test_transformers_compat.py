@@ -102,6 +102,14 @@ def test_generate_continues_from_a_cache_passed_under_the_installed_name():
     assert continued.tolist() == expected.tolist()
 
 
+@torch.no_grad()
+def test_chunked_prefill_equals_one_prefill():
+    model = tiny_model("6")
+    ids = random_ids(2, 13, seed=8)
+    kwargs = dict(max_new_tokens=5, do_sample=False, **NO_EOS)
+    assert model.generate(ids, prefill_chunk_size=4, **kwargs).tolist() == model.generate(ids, **kwargs).tolist()
+
+
 def test_outputs_carry_the_state_as_cache_on_every_supported_release():
     model = tiny_model("6")
     out = model(random_ids(1, 3), use_cache=True)
