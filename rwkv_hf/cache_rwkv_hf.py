@@ -16,7 +16,9 @@ forward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from typing import List, Optional
 
 import torch
@@ -34,6 +36,33 @@ class RwkvCache(Cache):
         self.rwkv_version = config.rwkv_version
         self.seen_tokens = 0
         self.frozen = False
+        self._busy = threading.Lock()
+
+    # --- one forward at a time ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Held by a forward while it advances this cache. Two threads advancing one cache would leave a state
+        that matches neither order, so the second is refused; to share a state between threads, ``freeze()`` it
+        (each forward then advances a private copy) or give each thread a ``clone()``."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "This RwkvCache is being advanced by another forward (another thread?). Give each thread its own "
+                "cache.clone(), or freeze() a shared one so that every forward works on a private copy."
+            )
+        try:
+            yield self
+        finally:
+            self._busy.release()
+
+    def __getstate__(self):  # copy and pickle without the lock: a copy is a new, idle cache
+        state = self.__dict__.copy()
+        state.pop("_busy", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
 
     # --- what generate needs ------------------------------------------------------------------------------
 

@@ -79,6 +79,11 @@ def add_chat_parser(sub):
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     chat.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     chat.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each token (default 600)")
+    chat.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow Python code from the model folder to run (off by default: the installed rwkv_hf classes are used)",
+    )
 
 
 def main_chat(args) -> int:
@@ -121,13 +126,21 @@ def _load(args) -> "_ChatSession":
     if args.dtype not in dtypes:
         raise _CliError(f"unknown --dtype {args.dtype!r}; expected float32, bfloat16 or float16")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise _CliError(f"unknown --device {args.device!r} ({err}); expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _CliError(f"--device {args.device} was asked for, but this torch has no CUDA device; use --device cpu")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        # Never ask on stdin whether to run the folder's code: the chat's first line would be the answer.
+        trust = dict(trust_remote_code=bool(args.trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, **trust)
         kwargs = {"dtype": dtypes[args.dtype]} if args.dtype else {}
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs, **trust).to(device).eval()
     except (OSError, ValueError, RuntimeError) as err:
         raise _CliError(f"cannot load {args.model_dir}: {err}") from None
     if not hasattr(model, "stream_chat") or not hasattr(tokenizer, "build_chat_input"):

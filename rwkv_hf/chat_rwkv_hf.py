@@ -174,7 +174,8 @@ class RwkvToolCallError(ValueError):
 
 _EXPECTED_CALL = "name\\n```python\\ntool_call(key=value, ...)\\n``` with literal values (str, number, list, dict, ...)"
 # The shape RWKV-Runner also detects: a bare name on the first line, then a fence whose code starts with tool_call(.
-_CALL_INTENT = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\n[ \t]*```[\w \t]*\n?\s*tool_call\s*\(", re.S)
+# (No two adjacent repeats can match the same characters: a reply of 64k spaces must not cost quadratic time.)
+_CALL_INTENT = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\n[ \t]*```\w*[ \t]*(?:\n[ \t\n]*)?tool_call[ \t]*\(", re.S)
 _CALL_SHAPE = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\n[ \t]*```(?:[\w+\-]*[ \t]*\n)?(.*?)```[ \t]*\Z", re.S)
 
 
@@ -629,7 +630,9 @@ class RwkvChatModelMixin:
         finally:
             if thread.is_alive():  # the caller stopped early or an error happened: stop generating
                 plan.cancel.set()
-                thread.join(timeout=timeout)
+                # generate checks the cancel flag after every token: wait for that rather than leave a thread
+                # inside torch, which aborts the interpreter (SIGABRT) if it is still running at exit
+                thread.join()
 
     def _chat_result(self, plan: _GenerationPlan, output) -> _GenerationResult:
         sequences = output.sequences if hasattr(output, "sequences") else output

@@ -13,6 +13,7 @@ The WKV recurrences themselves live in ``ops_rwkv_hf`` (PyTorch reference + chun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -72,6 +73,19 @@ def masked(x: torch.Tensor, mask: Optional[torch.Tensor], fill: float = 0.0) -> 
         return x
     mask = mask.view(mask.shape + (1,) * (x.dim() - mask.dim()))
     return torch.where(mask, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def last_real(x: torch.Tensor, trailing: Optional[torch.Tensor], previous: Optional[torch.Tensor]) -> torch.Tensor:
+    """x at each row's last real token: the last position, or before the row's right padding (``trailing`` [B]
+    pads at its end). A row with no real token at all keeps ``previous`` (zeros for a fresh state)."""
+    if trailing is None:
+        return x[:, -1]
+    B, T = x.shape[:2]
+    rows = torch.arange(B, device=x.device)
+    last = x[rows, (T - 1 - trailing).clamp(min=0)]
+    empty = (trailing >= T).view(B, *([1] * (x.dim() - 2)))
+    keep = torch.zeros_like(last) if previous is None else previous.to(last.dtype)
+    return torch.where(empty, keep, last)
 
 
 def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -140,14 +154,19 @@ class Rwkv4TimeMix(nn.Module):
         self.receptance = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
 
-    def forward(self, x, state: LayerState, mask, out_scale: float = 1.0):
+    def forward(self, x, state: LayerState, mask, out_scale: float = 1.0, trailing=None):
         shifted = token_shift(x, state.time_shift)
         r = torch.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
         k = self.key(mix(x, shifted, self.time_mix_k)).float()
         v = self.value(mix(x, shifted, self.time_mix_v)).float()
         k = masked(k, mask, V4_PAD_KEY)
         wkv_state = state.wkv if state.wkv is not None else empty_wkv4_state(x.shape[0], k.shape[-1], x.device)
-        y, new_wkv = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, wkv_state)
+        decay = torch.exp(self.time_decay.float())
+        y, new_wkv = wkv4(-decay, self.time_first.float(), k, v, wkv_state)
+        if trailing is not None:
+            # A pad writes nothing (k = -1e30) but still decays the state: each one lowers the log-scale pp by
+            # exp(time_decay). Undo that for right padding, so the state is the one after the last real token.
+            new_wkv = torch.cat([new_wkv[:, :2], (new_wkv[:, 2] + trailing[:, None] * decay).unsqueeze(1)], 1)
         return self.output(scaled(r * y.to(r.dtype), out_scale)), new_wkv
 
 
@@ -382,19 +401,22 @@ class RwkvBlock(nn.Module):
         self.att = TIME_MIX[config.rwkv_version](config, layer_id)
         self.ffn = CHANNEL_MIX[config.rwkv_version](config, layer_id)
 
-    def forward(self, hidden, state: LayerState, mask, v_first=None, out_scale: float = 1.0):
+    def forward(self, hidden, state: LayerState, mask, v_first=None, out_scale: float = 1.0, trailing=None):
+        """``mask``: [B, T] real tokens (None: all real); ``trailing``: [B] right-padding lengths (None: none)."""
         # The shift states are the LN outputs; padded positions are zeroed *after* LN (LN(0) = bias != 0) so the
         # first real token sees the same zero "previous token" as an unpadded run.
         x = masked(self.ln1(hidden), mask)
         if self.is_v7:
             att_out, wkv, v_first = self.att(x, state, mask, v_first, out_scale)
+        elif trailing is not None and isinstance(self.att, Rwkv4TimeMix):
+            att_out, wkv = self.att(x, state, mask, out_scale, trailing)
         else:
             att_out, wkv = self.att(x, state, mask, out_scale)
         hidden = hidden + att_out
-        time_shift = x[:, -1]
+        time_shift = last_real(x, trailing, state.time_shift)
         x = masked(self.ln2(hidden), mask)
         hidden = hidden + self.ffn(x, state.channel_shift, out_scale)
-        return hidden, LayerState(time_shift, x[:, -1], wkv), v_first
+        return hidden, LayerState(time_shift, last_real(x, trailing, state.channel_shift), wkv), v_first
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -612,20 +634,35 @@ class RwkvModel(RwkvPreTrainedModel):
                 raise ValueError(
                     f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}"
                 )
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
-                    f"input_ids contain token id {int(input_ids.max()) if int(input_ids.max()) >= 0 else int(input_ids.min())}"
-                    f" outside the vocabulary [0, {self.config.vocab_size})"
+                    f"input_ids contain token id {low if low < 0 else high} outside the vocabulary "
+                    f"[0, {self.config.vocab_size})"
                 )
             inputs_embeds = self.emb(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [batch, tokens, hidden] with tokens >= 1, got {tuple(inputs_embeds.shape)}")
         B, T, _ = inputs_embeds.shape
 
-        mask = self._padding_mask(attention_mask, B, T)
         cache = self._cache_for(given_cache, use_cache, B)
+        continuing = cache is not None and cache.is_initialized
+        mask, trailing = self._padding(attention_mask, B, T, continuing and self.config.rwkv_version == "4")
 
         hidden = self.blocks[0].ln0(inputs_embeds)
+        # One forward at a time may advance a cache (a frozen one is copied instead, see _cache_for).
+        with cache.exclusive() if cache is not None else contextlib.nullcontext():
+            hidden, all_hidden = self._run_blocks(hidden, cache, mask, trailing, init_state, output_hidden_states)
+        hidden = self.ln_out(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+
+        if not return_dict:
+            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
+        return RwkvModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache))
+
+    def _run_blocks(self, hidden, cache, mask, trailing, init_state, output_hidden_states):
+        B, T = hidden.shape[:2]
         # Decided once, before layer 0 writes into the cache: a fresh sequence starts every layer from the
         # initial state (zeros, or a mounted / tuned one); a continued one reads every layer from the cache.
         fresh = cache is None or not cache.is_initialized
@@ -641,10 +678,10 @@ class RwkvModel(RwkvPreTrainedModel):
             out_scale = 2.0 ** -(i // rescale) if rescale else 1.0
             if self.gradient_checkpointing and self.training:
                 hidden, new_state, v_first = self._gradient_checkpointing_func(
-                    block.__call__, hidden, state, mask, v_first, out_scale
+                    block.__call__, hidden, state, mask, v_first, out_scale, trailing
                 )
             else:
-                hidden, new_state, v_first = block(hidden, state, mask, v_first, out_scale)
+                hidden, new_state, v_first = block(hidden, state, mask, v_first, out_scale, trailing)
             if rescale and (i + 1) % rescale == 0:
                 hidden = hidden / 2
             if cache is not None:
@@ -653,13 +690,7 @@ class RwkvModel(RwkvPreTrainedModel):
                 all_hidden += (hidden,)
         if cache is not None:
             cache.seen_tokens += T
-        hidden = self.ln_out(hidden)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
-
-        if not return_dict:
-            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
-        return RwkvModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache))
+        return hidden, all_hidden
 
     def _initial_layer_states(self, batch_size, dtype, device, name):
         if self.init_state is None:
@@ -670,17 +701,60 @@ class RwkvModel(RwkvPreTrainedModel):
         return [LayerState(*triple) for triple in self.init_state(batch_size, dtype, device, name)]
 
     @staticmethod
-    def _padding_mask(attention_mask, batch_size, seq_len) -> Optional[torch.Tensor]:
-        """The boolean [B, T] mask of real tokens, or None when nothing is padded."""
+    def _padding(attention_mask, batch_size, seq_len, continuing_v4: bool = False):
+        """``(mask, trailing)``: the boolean [B, T] mask of real tokens (None when nothing is padded) and each row's
+        right-padding length [B] (None when no row is right-padded).
+
+        Left padding is exact (a pad step leaves the state as it was); right padding too (the state kept is the one
+        after each row's last real token). A pad *between* real tokens is refused: the text on both sides of it
+        would be read as adjacent. RWKV-4's pads still decay its state, so left padding on top of a continued
+        RWKV-4 state is refused as well.
+        """
         if attention_mask is None:
-            return None
+            return None, None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
             raise ValueError(
                 f"attention_mask must be [batch, >= tokens] = [{batch_size}, >= {seq_len}], got {tuple(attention_mask.shape)}"
             )
         # generate passes the mask of the whole sequence so far; the last T columns belong to these tokens.
         mask = attention_mask[:, -seq_len:].bool()
-        return None if bool(mask.all()) else mask
+        if bool(mask.all()):
+            return None, None
+        pad = ~mask
+        real_before = mask.cumsum(1) > 0
+        real_after = mask.flip(1).cumsum(1).flip(1) > 0
+        holes = pad & real_before & real_after
+        if bool(holes.any()):
+            row, col = (int(i) for i in holes.nonzero()[0])
+            raise ValueError(
+                f"attention_mask has a padded position between real tokens (row {row}, position {col} of the "
+                f"{seq_len} new tokens); expected padding only at the start (left, the tokenizer's default) or the "
+                "end of each row"
+            )
+        if continuing_v4 and bool((pad & ~real_before).any()):
+            raise ValueError(
+                "left padding on top of a continued RWKV-4 state is not exact (an RWKV-4 pad still decays the "
+                "state); pass the new tokens unpadded, one row at a time, or start from a fresh state"
+            )
+        trailing = (pad & real_before).sum(1) + (~real_before[:, -1]) * seq_len  # a row with no real token: T
+        return mask, (trailing if bool(trailing.any()) else None)
+
+    def _check_cache_shapes(self, cache):
+        """A state from another model of the same version and depth (another width or head size) is refused here,
+        with both shapes, rather than failing deep inside a matrix product."""
+        if not cache.is_initialized:
+            return
+        config = self.config
+        C, H, N = config.hidden_size, config.num_attention_heads, config.head_size
+        wkv = (3, config.attention_hidden_size) if config.rwkv_version == "4" else (H, N, N)
+        # layer 0 tells: every layer of a model has the same shapes (and this runs at every decoding step)
+        found = (tuple(cache.shift_state(0, TIME_SHIFT).shape[1:]), tuple(cache.wkv_state(0).shape[1:]))
+        if found != ((C,), wkv):
+            raise ValueError(
+                f"the cache holds a token shift of shape {list(found[0])} and a WKV state of shape "
+                f"{list(found[1])}; this model needs {[C]} and {list(wkv)} (per batch row): the state comes "
+                "from another model"
+            )
 
     def _cache_for(self, given, use_cache, batch_size) -> Optional[RwkvCache]:
         if given is None:
@@ -696,6 +770,7 @@ class RwkvModel(RwkvPreTrainedModel):
                 f"cache holds an RWKV-{given.rwkv_version} state with {len(given.layers)} "
                 f"layers; this model is RWKV-{self.config.rwkv_version} with {self.config.num_hidden_layers} layers"
             )
+        self._check_cache_shapes(given)
         cache = given.ensure_writable()
         if cache.is_initialized and cache.batch_size != batch_size:
             if cache.batch_size == 1:  # one saved prompt state seeding several rows (beams, samples)

@@ -347,6 +347,12 @@ def _parse_vocab_literal(literal: str) -> bytes:
     raise ValueError(f"vocabulary entry {literal!r} is neither a str nor a bytes literal")
 
 
+def _brief(value, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters: error messages about hostile files stay short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class _WorldVocab:
     """The parsed World vocabulary plus the compiled greedy matcher (shared by tokenizers of the same file)."""
 
@@ -361,12 +367,22 @@ class _WorldVocab:
                 first, last = line.index(" "), line.rindex(" ")
                 idx, token, length = int(line[:first]), _parse_vocab_literal(line[first + 1 : last]), int(line[last:])
             except (ValueError, SyntaxError) as err:
-                raise ValueError(f"{source}:{line_no}: bad vocabulary line {line!r} ({err})") from None
+                raise ValueError(f"{source}:{line_no}: bad vocabulary line {_brief(line)} ({_brief(str(err))})") from None
             if len(token) != length:
-                raise ValueError(f"{source}:{line_no}: token {token!r} has {len(token)} bytes, the line says {length}")
+                raise ValueError(f"{source}:{line_no}: token {_brief(token)} has {len(token)} bytes, the line says {length}")
             if idx <= 0 or idx in id_to_bytes:
                 raise ValueError(f"{source}:{line_no}: id {idx} is reserved (0) or repeated")
+            # The tables below are as long as the largest id: a single huge id must not allocate gigabytes. Real
+            # vocabularies are dense (the official one: ids 1..65529 on 65529 lines), so allow as many gaps as
+            # entries and no more.
+            if idx > 2 * (len(lines) + 256):
+                raise ValueError(
+                    f"{source}:{line_no}: id {idx} is far beyond a vocabulary of {len(lines)} lines (ids must stay "
+                    f"below {2 * (len(lines) + 256)}); the file is corrupt or not an RWKV vocabulary"
+                )
             id_to_bytes[idx] = token
+        if not id_to_bytes:
+            raise ValueError(f"{source}: the vocabulary file has no entries")
         size = max(id_to_bytes) + 1
         # Token text as latin-1 str: one char per byte, so it is lossless and str-based machinery works on it.
         self.id_to_bytes = [b""] * size  # id 0 (<|endoftext|>) and gaps decode to nothing here
@@ -509,6 +525,28 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
         super().__init__(
             bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token, **kwargs
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers', and refused for a model folder whose vocabulary is too small for the World ids: a
+        GPT-NeoX 20B folder (50277 tokens) without its tokenizer files would otherwise get this tokenizer and
+        chat on wrong ids."""
+        tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
+        if os.path.isfile(config_file):
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    model_vocab = json.load(f).get("vocab_size")
+            except (OSError, ValueError, AttributeError):
+                model_vocab = None
+            if isinstance(model_vocab, int) and model_vocab < tokenizer._vocab.size:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: the model has a vocabulary of {model_vocab} tokens, but the RWKV "
+                    f"World tokenizer needs {tokenizer._vocab.size} (ids up to {tokenizer._vocab.size - 1}). The folder "
+                    "lacks its own tokenizer files: for a GPT-NeoX 20B model, convert again with --tokenizer 20b "
+                    "(or copy its tokenizer.json in)"
+                )
+        return tokenizer
 
     def __getstate__(self):  # pickled by datasets.map(num_proc=...): leave out the rebuildable decode table
         state = self.__dict__.copy()
