@@ -19,13 +19,19 @@ internals ever change). ``import rwkv_hf`` calls it; it must run before ``PeftMo
 LoRA and state tuning in one model: PEFT refuses adapters of two types on one model, so use one LoRA adapter
 that also saves the state slot: ``make_init_state_trainable(model)`` then
 ``get_peft_model(model, LoraConfig(target_modules=[...], modules_to_save=["init_state"]))``.
+
+An adapter records the model it is tuned on (``StateTuningConfig.model_identity``: version, shapes and
+``model_weights_hash``, filled in when the adapter is created and saved in ``adapter_config.json``). Loading it
+into a model of another version or shape is refused; into other weights of the same shape too, unless
+``PeftModel.from_pretrained(model, path, allow_other_model=True)``. Adapter weights with NaN/Inf are refused.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -34,7 +40,24 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import PeftType
 
-from .state_rwkv_hf import InitState, _ensure_slot, _model_device, layer_states_from
+from .state_rwkv_hf import (
+    InitState,
+    StateFileError,
+    _check_same_weights,
+    _describe_config,
+    _describe_fingerprint,
+    _ensure_slot,
+    _fingerprint_config,
+    _model_device,
+    _model_identity,
+    _require_finite,
+    _require_finite_triple,
+    _rwkv_model,
+    layer_states_from,
+    model_weights_hash,
+)
+
+logger = logging.getLogger(__name__)
 
 PEFT_METHOD = "state_tuning"
 PREFIX = "state_tuning_"
@@ -73,6 +96,12 @@ class StateTuningConfig(PeftConfig):
             matter little; ``.pth`` / ``.state`` files cannot hold them).
         target_modules: the initial-state slot, ``["init_state"]`` (there is nothing else to target).
         modules_to_save: other modules to train fully and save with the adapter (e.g. ``["head"]``).
+        model_identity: the model the state is tuned on (version, shapes, ``base_model_hash``). Leave it None: it
+            is filled in when the adapter is created, saved with it, and checked when it is loaded. ``{}`` marks
+            an adapter saved by an older rwkv_hf, which recorded none (it loads with a logged warning).
+        allow_other_model: load the adapter even though ``model_identity`` names other weights of the same
+            shape (``PeftModel.from_pretrained(..., allow_other_model=True)``). Never saved; another version or
+            shape is refused regardless.
     """
 
     task_type: Optional[str] = field(default="CAUSAL_LM", metadata={"help": "PEFT task type"})
@@ -82,14 +111,31 @@ class StateTuningConfig(PeftConfig):
         default_factory=lambda: ["init_state"], metadata={"help": "the initial-state slot"}
     )
     modules_to_save: Optional[List[str]] = field(default=None, metadata={"help": "modules trained fully and saved"})
+    model_identity: Optional[Dict[str, str]] = field(
+        default=None, metadata={"help": "the model the state is tuned on; recorded at creation, checked at loading"}
+    )
+    allow_other_model: bool = field(
+        default=False, metadata={"help": "load into other weights of the same shape (not saved)"}
+    )
 
     def __post_init__(self):
+        # A config read from adapter_config.json comes with its peft_type; a new one gets it below. A read one
+        # without model_identity was saved before identities existed: {} says so, None would be filled in with
+        # this model's identity and hide that nothing was checked.
+        if self.peft_type is not None and self.model_identity is None:
+            self.model_identity = {}
         super().__post_init__()
         self.peft_type = STATE_TUNING
         if self.init not in ("base", "zeros"):
             raise ValueError(f"init must be 'base' or 'zeros', got {self.init!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
+
+    def to_dict(self) -> dict:
+        # The override is for one load; saving it would switch the check off for everyone who loads the adapter.
+        out = super().to_dict()
+        out.pop("allow_other_model", None)
+        return out
 
 
 class StateTuningLayer(nn.Module, BaseTunerLayer):
@@ -115,6 +161,8 @@ class StateTuningLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: StateTuningConfig, device=None):
         base = self.base_layer
         start = base.resolve(None) if config.init == "base" else None
+        if start is not None:  # training from NaN gives NaN: refuse it now, naming the layer
+            _require_finite_triple(start, f"The initial state adapter {adapter_name!r} would start from")
         L, H, N, C = base.num_layers, base.num_heads, base.head_size, base.hidden_size
         # fp32 whatever the model dtype: with lr ~1 a bf16 state would round most updates away.
         wkv = start[0].detach().float().clone() if start is not None else torch.zeros(L, H, N, N)
@@ -126,6 +174,21 @@ class StateTuningLayer(nn.Module, BaseTunerLayer):
             )
             self.state_tuning_shift[adapter_name] = nn.Parameter(shift.to(device) if device is not None else shift)
         self.set_adapter(self.active_adapters)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Adapter weights arrive here (PeftModel.from_pretrained, load_adapter, Trainer resuming): check them
+        # before they replace the parameters, so a NaN state never becomes the model's initial state. This
+        # module's hook runs before its ParameterDicts load theirs.
+        for key, value in state_dict.items():
+            if not key.startswith(prefix) or not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                continue
+            local = key[len(prefix) :]
+            if local.startswith("state_tuning_wkv."):
+                _require_finite(value.detach(), "the WKV state", f"The state-tuning adapter weight {local!r}")
+            elif local.startswith("state_tuning_shift.") and value.dim() == 3:  # [time/channel, layers, width]
+                for part, what in zip(value.detach(), ("the time-mix shift state", "the channel-mix shift state")):
+                    _require_finite(part, what, f"The state-tuning adapter weight {local!r}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapter_state(self, adapter_names: List[str]):
         """(wkv, time_shift, channel_shift) of one adapter, or the mean of several (mixing states)."""
@@ -205,6 +268,7 @@ class StateTuningModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         device = _model_device(parent) if hasattr(parent, "get_input_embeddings") else None
+        _check_or_record_identity(peft_config, adapter_name, _rwkv_model(parent))
         if isinstance(target, StateTuningLayer):
             target.update_layer(adapter_name, peft_config, device)
         elif type(target).__name__ == "RwkvInitState":
@@ -224,6 +288,34 @@ class StateTuningModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The states are created in fp32 and must stay so.
         return
+
+
+def _check_or_record_identity(config: StateTuningConfig, adapter_name: str, base) -> None:
+    """A new adapter records the model it is created on; a loaded one must come from this model.
+
+    Runs before the adapter exists, so a refusal leaves the model as it was."""
+    recorded = config.model_identity
+    what = f"The state-tuning adapter {adapter_name!r}"
+    if recorded is None:  # new: it will be tuned on this model
+        config.model_identity = _model_identity(base)
+        return
+    model_desc = _describe_config(base.config)
+    expected = _fingerprint_config(base.config)
+    if recorded:  # version and shapes: a state is meaningless elsewhere, whatever the user says
+        diffs = [k for k in expected if k in recorded and str(recorded[k]) != expected[k]]
+        if diffs:
+            raise StateFileError(
+                f"{what} was tuned on {_describe_fingerprint(recorded)}; this model is {model_desc}. A state only "
+                f"works with the model it was tuned on (differs: {', '.join(diffs)})."
+            )
+    _check_same_weights(
+        recorded,
+        lambda: model_weights_hash(base),
+        what=what,
+        model_desc=model_desc,
+        allow_other_model=bool(config.allow_other_model),
+        override="pass allow_other_model=True to PeftModel.from_pretrained (or set it on its StateTuningConfig)",
+    )
 
 
 _REGISTERED = False

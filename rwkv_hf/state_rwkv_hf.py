@@ -33,6 +33,8 @@ transformers, the standard library and sibling modules.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 import re
@@ -40,7 +42,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -66,6 +68,8 @@ _EXTENSIONS = {
 }
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger(__name__)
 
 
 class StateFileError(ValueError):
@@ -143,7 +147,8 @@ class InitState:
 
     ``wkv``: [layers, heads, N, N] fp32. ``time_shift`` / ``channel_shift``: [layers, width] or None (zeros:
     the ecosystem never stores them). ``source``: where it came from (for messages); ``base_model``: the
-    name of the model it was tuned on, when known.
+    name of the model it was tuned on, when known; ``model_hash``: ``model_weights_hash`` of that model, when
+    known (loading the state into a model with other weights is then refused, see ``load_init_state``).
     """
 
     rwkv_version: str
@@ -153,6 +158,7 @@ class InitState:
     source: str = "tensors"
     base_model: Optional[str] = None
     name_info: Dict[str, str] = field(default_factory=dict)
+    model_hash: Optional[str] = None
 
     @property
     def num_layers(self) -> int:
@@ -176,6 +182,7 @@ class InitState:
             self.source,
             self.base_model,
             dict(self.name_info),
+            self.model_hash,
         )
 
     def pth_tensors(self) -> List[torch.Tensor]:
@@ -231,6 +238,169 @@ def _check_supported(config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A state's identity: the version, the shapes and a hash of the weights it was tuned on / saved from
+# ---------------------------------------------------------------------------------------------------------
+
+HASH_KEY = "base_model_hash"  # metadata key (our .safetensors) and model_identity key (PEFT adapter config)
+_HASH_SCHEME = "w1"  # bump when what model_weights_hash reads changes: other schemes are reported, not compared
+_SAMPLES_PER_TENSOR = 64
+_TINY = 2.0**-14  # below fp16's normal range: flushed to zero before hashing (see model_weights_hash)
+# Components that wrappers add to parameter names (FSDP, activation checkpointing, torch.compile): not the model's.
+_WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def _weight_tensors(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """The model's own weights as (name, tensor): PEFT wrappers are looked through (their ``base_layer`` /
+    ``original_module`` counts, the adapter weights do not) and the initial-state slot is skipped."""
+    for name, param in module.named_parameters(recurse=False):
+        yield prefix + name, param
+    for name, child in module.named_children():
+        if name == "init_state":
+            continue  # the states themselves (trainable or PEFT-wrapped) are not the base model
+        for attr in ("base_layer", "original_module"):  # a LoRA layer / modules_to_save wrapper: what it wraps
+            inner = getattr(child, attr, None)
+            if isinstance(inner, nn.Module):
+                child = inner
+                break
+        child_prefix = prefix if name in _WRAPPER_NAMES else f"{prefix}{name}."
+        yield from _weight_tensors(child, child_prefix)
+
+
+def _strided_sample(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` evenly spaced elements of ``t`` (all of them when it has fewer), gathered without copying ``t``."""
+    n = t.numel()
+    index = torch.arange(min(k, n), device=t.device, dtype=torch.long) * n // min(k, n)
+    if t.is_contiguous():
+        return t.reshape(-1)[index]  # a view, then a gather of k elements
+    coords = []
+    for size in reversed(t.shape):  # unravel by hand: torch.unravel_index needs torch 2.2
+        coords.append(index % size)
+        index = index // size
+    return t[tuple(reversed(coords))]
+
+
+def model_weights_hash(model) -> Optional[str]:
+    """A short content hash of an RWKV model's weights (e.g. ``"w1:3f9c0a..."``): the identity a saved state
+    records, so that it is not mounted on another model of the same shape. None if the weights are not readable
+    here (on the meta device: offloaded, or not loaded yet).
+
+    What is hashed: the RWKV version, then for every weight tensor of the ``RwkvModel`` (embedding, blocks,
+    final norm; sorted by name) its name, its shape and 64 evenly spaced elements. The LM head is left out:
+    no state depends on it, and a state saved from ``RwkvForCausalLM`` must match an ``RwkvModel`` too.
+
+    Why that suffices: two separately trained or fine-tuned models differ in practically every weight, so 64
+    values from each of the hundreds of tensors cannot all agree by chance; this guards against an honest
+    mix-up of same-sized models, not a forger (who could write any metadata anyway). A model that differs only
+    where the sample does not look (say a few added embedding rows) counts as the same base, which for the state
+    it is. Cost: 64 elements per tensor are read, nothing is copied, whatever the model size.
+
+    Precision: elements are rounded to bfloat16, with magnitudes below 2^-14 taken as 0, so the fp32, bf16 and
+    fp16 copies of weights published in bf16 (every official RWKV model) hash alike: fp16 holds every such bf16
+    value exactly. Weights trained in fp32 and cast to fp16 round differently and hash differently; load their
+    states with ``allow_other_model=True``.
+    """
+    base = _rwkv_model(model)
+    digest = hashlib.sha256(f"{_HASH_SCHEME}|RWKV-{base.config.rwkv_version}".encode())
+    for name, tensor in sorted(_weight_tensors(base), key=lambda item: item[0]):
+        if tensor.device.type == "meta":
+            return None
+        sample = _strided_sample(tensor.detach(), _SAMPLES_PER_TENSOR).float()
+        sample = torch.where(sample.abs() < _TINY, torch.zeros_like(sample), sample)  # also makes -0.0 +0.0
+        bits = sample.to(torch.bfloat16).view(torch.int16).cpu()
+        digest.update(f"|{name}{list(tensor.shape)}|".encode())
+        digest.update(bits.numpy().tobytes())
+    return f"{_HASH_SCHEME}:{digest.hexdigest()[:16]}"
+
+
+def _model_identity(base) -> Dict[str, str]:
+    """What our files and adapters record about the model: version, shapes, and the weights hash if readable."""
+    identity = _fingerprint_config(base.config)
+    weights = model_weights_hash(base)
+    if weights is not None:
+        identity[HASH_KEY] = weights
+    return identity
+
+
+def _describe_fingerprint(meta: Mapping[str, str]) -> str:
+    return (
+        f"RWKV-{meta.get('rwkv_version', '?')} with {meta.get('num_hidden_layers', '?')} layers of "
+        f"{meta.get('num_heads', '?')} heads x {meta.get('head_size', '?')} (width {meta.get('hidden_size', '?')})"
+    )
+
+
+def _check_same_weights(
+    recorded: Mapping[str, str],
+    model_hash: Callable[[], Optional[str]],
+    *,
+    what: str,
+    model_desc: str,
+    allow_other_model: bool,
+    override: str,
+    quiet_if_unrecorded: bool = False,
+) -> None:
+    """Refuse ``what`` when the weights hash it records is not this model's (``model_hash()``, computed only
+    when there is something to compare). ``override``: how the caller's user says "load it anyway".
+    ``quiet_if_unrecorded``: no hash is expected (log at INFO, not WARNING)."""
+    theirs = recorded.get(HASH_KEY)
+    if not theirs:
+        # The hash is new: what older rwkv_hf versions saved records version and shapes only. Accepted, as
+        # before, but said: nothing tells it apart from a state of another model of the same shape.
+        logger.log(
+            logging.INFO if quiet_if_unrecorded else logging.WARNING,
+            "%s records no hash of the weights it was saved from (saved by an older rwkv_hf?), so it cannot be "
+            "told apart from a state of another model of the same shape: loading it unchecked. Saving it again "
+            "records this model's hash.",
+            what,
+        )
+        return
+    if not theirs.startswith(_HASH_SCHEME + ":"):
+        logger.warning(
+            "%s records a weights hash of an unknown kind (%s; this rwkv_hf writes %s:...): not compared. "
+            "Upgrade rwkv_hf to check it.",
+            what,
+            theirs,
+            _HASH_SCHEME,
+        )
+        return
+    ours = model_hash()
+    if ours is None:
+        logger.warning("%s: this model's weights are not readable here (meta device): not compared.", what)
+        return
+    if ours == theirs:
+        return
+    tuned_on = f" ({recorded['base_model']})" if recorded.get("base_model") else ""
+    message = (
+        f"{what} was saved from a model{tuned_on} whose weights hash to {theirs}, but this model's weights hash to "
+        f"{ours} ({model_desc}). The shapes fit, but a state only works with the weights it was tuned on. If this "
+        f"is the same model in another precision or lightly fine-tuned, {override} to load it anyway."
+    )
+    if not allow_other_model:
+        raise StateFileError(message)
+    logger.warning("%s Loading it anyway, as asked.", message)
+
+
+def _require_finite(tensor: torch.Tensor, what: str, source: str) -> None:
+    """Refuse NaN/Inf in ``tensor`` (one row per layer along dim 0), naming the layers that have them."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    rows = (~finite.reshape(tensor.shape[0], -1).all(1)).nonzero().flatten().tolist()
+    layers = ", ".join(map(str, rows[:8])) + ("..." if len(rows) > 8 else "")
+    found = " and ".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(tensor).any()))
+    raise StateFileError(
+        f"{source}: {what} of layer{'s' if len(rows) > 1 else ''} {layers} contains {found}; a state must be "
+        "finite (was it saved from a diverged training run?)"
+    )
+
+
+def _require_finite_triple(triple, source: str) -> None:
+    """The same for a state's (wkv, time_shift, channel_shift), each [layers, ...] or None."""
+    for tensor, what in zip(triple, ("the WKV state", "the time-mix shift state", "the channel-mix shift state")):
+        if tensor is not None:
+            _require_finite(tensor.detach(), what, source)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------------------
 
@@ -245,6 +415,7 @@ class _RawState:
     metadata: Dict[str, str] = field(default_factory=dict)
     time_shift: Dict[int, torch.Tensor] = field(default_factory=dict)
     channel_shift: Dict[int, torch.Tensor] = field(default_factory=dict)
+    from_file: bool = True  # False for an InitState in memory: "no hash" then means nothing about rwkv_hf versions
 
 
 def _sniff_format(path: Path) -> str:
@@ -342,8 +513,19 @@ def read_state_file(path: PathLike, format: str = "auto") -> "_RawState":
     return _read_pth(path) if kind == "pth" else _read_safetensors(path)
 
 
-def _raw_to_init_state(raw: _RawState, config, strict: bool = True, n_params: Optional[int] = None) -> InitState:
-    """Check a file's content against a model and turn it into the cache layout; raises before changing anything."""
+def _raw_to_init_state(
+    raw: _RawState,
+    config,
+    strict: bool = True,
+    n_params: Optional[int] = None,
+    *,
+    model_hash: Optional[Callable[[], Optional[str]]] = None,
+    allow_other_model: bool = False,
+) -> InitState:
+    """Check a file's content against a model and turn it into the cache layout; raises before changing anything.
+
+    ``model_hash``: computes the model's ``model_weights_hash``, called only if the file records one to compare.
+    """
     _check_supported(config)
     version = str(config.rwkv_version)
     L, H, N, C = config.num_hidden_layers, config.num_attention_heads, config.head_size, config.hidden_size
@@ -358,16 +540,12 @@ def _raw_to_init_state(raw: _RawState, config, strict: bool = True, n_params: Op
         )
 
     meta = raw.metadata
-    if meta.get("format") == FORMAT_TAG:  # our fingerprint: compare everything it records
+    ours = meta.get("format") == FORMAT_TAG
+    if ours:  # our fingerprint: version and shapes always refuse; the weights hash is checked below
         expected = _fingerprint_config(config)
         diffs = {k: (meta[k], expected[k]) for k in expected if k in meta and meta[k] != expected[k]}
         if diffs:
-            desc = (
-                f"RWKV-{meta.get('rwkv_version', '?')} with {meta.get('num_hidden_layers', '?')} layers of "
-                f"{meta.get('num_heads', '?')} heads x {meta.get('head_size', '?')} "
-                f"(width {meta.get('hidden_size', '?')})"
-            )
-            raise mismatch(f"it was made for {desc}")
+            raise mismatch(f"it was made for {_describe_fingerprint(meta)}")
 
     layer_ids = sorted(raw.layers)
     shapes = {tuple(t.shape) for t in raw.layers.values()}
@@ -387,9 +565,23 @@ def _raw_to_init_state(raw: _RawState, config, strict: bool = True, n_params: Op
         if strict:
             raise message
         warnings.warn(str(message) + " Loading it anyway (strict=False).")
-    for i in layer_ids:
-        if not torch.isfinite(raw.layers[i]).all():
-            raise StateFileError(f"{raw.source}: the state of layer {i} contains NaN or Inf")
+    # Files from RWKV-LM / RWKV-PEFT / Ai00 record no identity at all: shapes and version are all there is.
+    # A model-less conversion (convert_state_file) records no version either: nothing to compare it with.
+    if ours and "rwkv_version" in meta and (raw.from_file or HASH_KEY in meta):
+        _check_same_weights(
+            meta,
+            model_hash or (lambda: None),
+            what=f"The state {Path(raw.source).name!r}",
+            model_desc=model_desc,
+            allow_other_model=allow_other_model,
+            override="pass allow_other_model=True to load_init_state",
+            # The converter's init_state.safetensors (no "source" key) is written beside the very weights it
+            # belongs to and records no hash: a warning on every from_pretrained would be noise.
+            quiet_if_unrecorded="source" not in meta,
+        )
+
+    stacked = torch.stack([raw.layers[i].float() for i in layer_ids])
+    _require_finite(stacked, "the WKV state (blocks.N.att.time_state)", raw.source)
     shifts = {}
     for label, part in (("att.shift_state", raw.time_shift), ("ffn.shift_state", raw.channel_shift)):
         if not part:
@@ -399,25 +591,22 @@ def _raw_to_init_state(raw: _RawState, config, strict: bool = True, n_params: Op
             raise StateFileError(
                 f"{raw.source}: the {label} tensors must be one [width={C}] tensor per layer 0..{L - 1}"
             )
-        stacked = torch.stack([part[i].reshape(C).float() for i in range(L)])
-        if not torch.isfinite(stacked).all():
-            raise StateFileError(f"{raw.source}: the {label} tensors contain NaN or Inf")
-        shifts[label] = stacked
+        shifts[label] = torch.stack([part[i].reshape(C).float() for i in range(L)])
+        _require_finite(shifts[label], f"the token-shift state (blocks.N.{label})", raw.source)
 
-    stacked = torch.stack([raw.layers[i].float() for i in layer_ids])
     if raw.orientation == "pth":
         wkv = _pth_to_cache(version, stacked)
     else:  # [h, key, value]: the v5.2/v6 cache layout, transposed for v7
         wkv = stacked if version != "7" else stacked.transpose(-2, -1)
-    base_model = meta.get("base_model") or None
     return InitState(
         version,
         wkv.contiguous(),
         shifts["att.shift_state"],
         shifts["ffn.shift_state"],
         source=raw.source,
-        base_model=base_model,
+        base_model=meta.get("base_model") or None,
         name_info=name_info,
+        model_hash=meta.get(HASH_KEY) or None,
     )
 
 
@@ -462,7 +651,9 @@ def write_state_file(
 
     ``format`` defaults to the file extension. ``dtype`` overrides the format's default (the ``.state`` format
     is F16 by definition: web-rwkv refuses anything else). Token-shift states only fit our format; the others
-    drop them with a warning.
+    drop them with a warning. ``fingerprint``: the model identity our format records (version, shapes and
+    ``base_model_hash``, see ``model_weights_hash``); None: what the state itself knows. ``.pth`` and ``.state``
+    files have no room for it, as in the rest of the ecosystem.
     """
     from safetensors.torch import save_file
 
@@ -505,6 +696,8 @@ def write_state_file(
                 "head_size": str(state.head_size),
                 "hidden_size": str(state.num_heads * state.head_size),
             }
+            if state.model_hash:
+                fingerprint[HASH_KEY] = state.model_hash
         metadata = {"format": FORMAT_TAG, "orientation": "pth", "source": Path(state.source).name, **fingerprint}
         if state.base_model:
             metadata["base_model"] = state.base_model
@@ -577,6 +770,10 @@ def _mix(resolve, weights: Mapping[str, float]) -> Optional[_Triple]:
     """sum(w * state) over the named states (the zero state adds nothing); None when all are zero."""
     if not weights:
         raise ValueError("A mix of initial states needs at least one {name: weight}")
+    # Checked here, not only in mix_init_states: forward(init_state={...}) mixes through this too.
+    bad = {n: w for n, w in weights.items() if not _is_finite_number(w)}
+    if bad:
+        raise ValueError(f"Mix weights must be finite numbers; got {bad} in {dict(weights)}")
     total = None
     for n, w in weights.items():
         part = resolve(n)
@@ -589,6 +786,13 @@ def _mix(resolve, weights: Mapping[str, float]) -> Optional[_Triple]:
             else tuple(b if a is None else a if b is None else a + b for a, b in zip(total, scaled))
         )
     return total
+
+
+def _is_finite_number(w) -> bool:
+    try:
+        return math.isfinite(float(w))
+    except (TypeError, ValueError):  # not a number, or a tensor with several elements
+        return False
 
 
 class RwkvInitState(nn.Module):
@@ -691,13 +895,17 @@ def _n_params(base) -> Optional[int]:
         return None
 
 
-def _to_init_state(model, source, *, format: str = "auto", strict: bool = True) -> InitState:
+def _to_init_state(
+    model, source, *, format: str = "auto", strict: bool = True, allow_other_model: bool = False
+) -> InitState:
     base = _rwkv_model(model)
     config = base.config
     _check_supported(config)
     if isinstance(source, InitState):
-        raw = _RawState({i: t for i, t in enumerate(source.pth_tensors())}, "pth", source.source)
+        raw = _RawState({i: t for i, t in enumerate(source.pth_tensors())}, "pth", source.source, from_file=False)
         raw.metadata = {"format": FORMAT_TAG, "rwkv_version": source.rwkv_version}
+        if source.model_hash:
+            raw.metadata[HASH_KEY] = source.model_hash
         if source.time_shift is not None:
             raw.time_shift = dict(enumerate(source.time_shift))
         if source.channel_shift is not None:
@@ -724,7 +932,14 @@ def _to_init_state(model, source, *, format: str = "auto", strict: bool = True) 
             "'blocks.N.att.time_state' tensors ([heads, value, key], as in a .pth), an InitState, an RwkvCache or an "
             "official state list"
         )
-    return _raw_to_init_state(raw, config, strict=strict, n_params=_n_params(base))
+    return _raw_to_init_state(
+        raw,
+        config,
+        strict=strict,
+        n_params=_n_params(base),
+        model_hash=lambda: model_weights_hash(base),
+        allow_other_model=allow_other_model,
+    )
 
 
 def _from_official_list(config, state: List[torch.Tensor], source: str) -> InitState:
@@ -739,8 +954,7 @@ def _from_official_list(config, state: List[torch.Tensor], source: str) -> InitS
         raise StateFileError(f"The state list's WKV tensors are {tuple(wkv.shape[1:])}; this model needs {(H, N, N)}")
     ts = torch.stack([state[3 * i].reshape(C).float() for i in range(L)])
     cs = torch.stack([state[3 * i + 2].reshape(C).float() for i in range(L)])
-    if not (torch.isfinite(wkv).all() and torch.isfinite(ts).all() and torch.isfinite(cs).all()):
-        raise StateFileError(f"The {source} contains NaN or Inf")
+    _require_finite_triple((wkv, ts, cs), f"The {source}")
     return InitState(str(config.rwkv_version), wkv.contiguous(), ts, cs, source=source)
 
 
@@ -752,6 +966,7 @@ def load_init_state(
     format: str = "auto",
     strict: bool = True,
     default: Optional[bool] = None,
+    allow_other_model: bool = False,
 ) -> str:
     """Mount an initial state: fresh sequences start from it (``name=None``) or when asked for by ``name``.
 
@@ -760,10 +975,16 @@ def load_init_state(
     (e.g. the state after a system prompt); or the official package's state list.
     ``default``: also make it the default (True when ``name`` is None).
     ``strict``: a file whose *name* says another RWKV version is refused (a warning with strict=False); shape and
-    fingerprint mismatches are always refused. Everything is checked before anything changes: on error the
-    model's states are as before. Returns the name it was stored under.
+    version mismatches are always refused.
+    ``allow_other_model``: our ``.safetensors`` files (and ``InitState``s) record a hash of the weights they were
+    saved from (``model_weights_hash``); a state from other weights of the same shape is refused unless this is
+    True (then it loads with a logged warning). ``.pth`` / ``.state`` files carry no identity and load on shapes
+    and version alone; our files from older rwkv_hf versions, without the hash, load with a logged warning.
+    NaN/Inf anywhere in the state is always refused.
+    Everything is checked before anything changes: on error the model's states are as before. Returns the name
+    it was stored under.
     """
-    state = _to_init_state(model, source, format=format, strict=strict)
+    state = _to_init_state(model, source, format=format, strict=strict, allow_other_model=allow_other_model)
     base = _rwkv_model(model)
     if state.base_model is None:
         state.base_model = _base_model_name(base)
@@ -793,19 +1014,27 @@ def get_init_state(model, name: StateName = None) -> Optional[InitState]:
 
     src = name if isinstance(name, str) else "model"
     return InitState(
-        str(base.config.rwkv_version), stack(2), stack(0), stack(1), source=str(src), base_model=_base_model_name(base)
+        str(base.config.rwkv_version),
+        stack(2),
+        stack(0),
+        stack(1),
+        source=str(src),
+        base_model=_base_model_name(base),
+        model_hash=model_weights_hash(base),
     )
 
 
 def save_init_state(
     model, path: PathLike, name: StateName = None, *, format: Optional[str] = None, dtype: Optional[torch.dtype] = None
 ) -> Path:
-    """Write the state for ``name`` (None: the default, i.e. the trained one) as .pth, .state or .safetensors."""
+    """Write the state for ``name`` (None: the default, i.e. the trained one) as .pth, .state or .safetensors.
+    Our ``.safetensors`` records this model's identity (version, shapes, ``model_weights_hash``), which
+    ``load_init_state`` checks."""
     state = get_init_state(model, name)
     base = _rwkv_model(model)
     if state is None:
         raise ValueError(f"There is no initial state to save for {name!r} (the model starts from zeros)")
-    return write_state_file(state, path, format=format, dtype=dtype, fingerprint=_fingerprint_config(base.config))
+    return write_state_file(state, path, format=format, dtype=dtype, fingerprint=_model_identity(base))
 
 
 def unload_init_state(model, name: Optional[str] = None) -> None:
@@ -844,13 +1073,15 @@ def set_default_init_state(model, name: Optional[str]) -> None:
 
 def mix_init_states(model, weights: Mapping[str, float], name: str = "mix", *, default: bool = False) -> str:
     """Store ``sum(w * state)`` over mounted states under ``name`` (weights as given: 0.7/0.3 for a convex mix).
-    ``forward(init_state={"a": 0.7, "b": 0.3})`` / ``generate(...)`` mixes on the fly instead."""
+    ``forward(init_state={"a": 0.7, "b": 0.3})`` / ``generate(...)`` mixes on the fly instead. Weights must be
+    finite numbers and so must the mix (huge weights can overflow it): anything else is refused."""
     base = _rwkv_model(model)
     if base.init_state is None:
         raise KeyError("No initial states are loaded to mix")
     mixed = _mix(base.init_state.resolve, weights)
     if mixed is None:
         raise ValueError("Every state in the mix is the zero state")
+    _require_finite_triple(mixed, f"The mix {dict(weights)}")
     version = str(base.config.rwkv_version)
     state = InitState(
         version,
@@ -944,7 +1175,7 @@ def save_default_init_state(model, save_directory: PathLike) -> Optional[Path]:
         state,
         Path(save_directory) / INIT_STATE_FILE,
         format="safetensors",
-        fingerprint=_fingerprint_config(base.config),
+        fingerprint=_model_identity(base),  # checked when from_pretrained mounts it again
     )
 
 
@@ -970,6 +1201,8 @@ def make_init_state_trainable(
     if type(slot).__name__ != "RwkvInitState":
         raise ValueError("The initial state is wrapped by PEFT already; train it through the PEFT adapter instead")
     start = get_init_state(model, None) if init == "base" else None
+    if start is not None:  # training from NaN gives NaN: refuse it here, with the layer, not after a step
+        _require_finite_triple((start.wkv, start.time_shift, start.channel_shift), "The initial state to train from")
     L, H, N, C = (
         base.config.num_hidden_layers,
         base.config.num_attention_heads,
