@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -424,6 +425,24 @@ class RwkvBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_weight_dtypes(folder: str) -> None:
+    """Every tensor in a folder's safetensors files is floating point: transformers would cast an integer tensor
+    (a corrupt or tampered file) to the parameter dtype without a word. Reads the headers only."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors") or not name.startswith("model"):
+            continue
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in ("F32", "F16", "BF16", "F64"):
+                    raise ValueError(
+                        f"{name}: weight {key} is stored as {dtype}; expected a floating-point tensor (F32, BF16 "
+                        "or F16). The file is corrupt or not an RWKV checkpoint"
+                    )
+
+
 class RwkvPreTrainedModel(PreTrainedModel):
     config_class = RwkvConfig
     base_model_prefix = "rwkv"
@@ -453,6 +472,9 @@ class RwkvPreTrainedModel(PreTrainedModel):
         wrong model.
         """
         wants_info = kwargs.pop("output_loading_info", False)
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if path is not None and os.path.isdir(str(path)):
+            _check_weight_dtypes(str(path))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(problems.values()):
@@ -463,7 +485,6 @@ class RwkvPreTrainedModel(PreTrainedModel):
                 f"hidden_size {config.hidden_size}, vocab {config.vocab_size}): {details}. Was config.json edited, or "
                 "are the weights from another model?"
             )
-        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if model.config.rwkv_version != "4" and path is not None:
             # A converted state-tuned checkpoint keeps its merged time_state beside the weights: start from it.
             from .state_rwkv_hf import attach_default_init_state

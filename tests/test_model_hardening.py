@@ -216,3 +216,20 @@ def test_the_chat_cli_asked_for_cuda_without_it_says_so(tmp_path):
                             input="", capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "no CUDA device" in result.stderr
+
+
+def test_an_integer_tensor_in_a_folders_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_checkpoints import make_official_checkpoint
+    from rwkv_hf import convert_rwkv_checkpoint
+
+    convert_rwkv_checkpoint(make_official_checkpoint("7", n_layer=1, n_embd=32, head_size=16, vocab_size=300), tmp_path,
+                            tokenizer="none", progress=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in weights if k.endswith("ln_out.weight"))
+    weights[key] = weights[key].to(torch.int32)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{key} is stored as I32"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
