@@ -102,6 +102,11 @@ def wkv4_recurrent(
     return torch.stack(out, dim=1), torch.stack([aa, bb, pp], dim=1)
 
 
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over the earlier positions of dim 2 (0 at the first)."""
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cumsum(dim=2)], dim=2)
+
+
 def wkv4_chunked(
     w: torch.Tensor,
     u: torch.Tensor,
@@ -139,8 +144,10 @@ def wkv4_chunked(
     z = k - pos * w  # per-token part of the exponent: e^{(t-1-s)w + k_s} = e^{(t-1)w} e^{z_s}
     m = z.amax(dim=2, keepdim=True)  # [B, n, 1, C]
     k_rel = torch.exp((z - m).double())
-    prefix_den = k_rel.cumsum(dim=2) - k_rel  # sums over s < t
-    prefix_num = (k_rel * v.double()).cumsum(dim=2) - k_rel * v.double()
+    # Sums over s < t, as a shifted cumsum rather than cumsum - own term: the own term's gradient would pass
+    # through the subtraction at the (possibly huge) scale of f_prev below and cancel inexactly.
+    prefix_den = _exclusive_cumsum(k_rel)
+    prefix_num = _exclusive_cumsum(k_rel * v.double())
     # The largest exponent among earlier tokens (exclusive running max), so that the max-shift below is taken
     # over exponents that are really present: the chunk's max may belong to a later token.
     prefix_max = torch.cat([torch.full_like(z[:, :, :1], float("-inf")), z.cummax(dim=2).values[:, :, :-1]], dim=2)
@@ -164,7 +171,12 @@ def wkv4_chunked(
     x_self = u + k
     q = torch.maximum(torch.maximum(x_state, x_self), prefix_max + (pos - 1) * w)
     f_state, f_self = torch.exp(x_state - q), torch.exp(x_self - q)
-    f_prev = torch.exp((m + (pos - 1) * w - q).double())  # scale of the prefix sums; fp64 as it may exceed 1
+    # Scale of the prefix sums; fp64 as it may exceed 1. Where no earlier token carries weight (the first token,
+    # or only padding before it: k = -1e30) the sums are 0 and the scale may overflow, and inf * 0 would be NaN,
+    # in the output and in every gradient: use exponent 0 there (the where sits inside the exp, so that its
+    # unused branch stays finite for autograd too).
+    has_prefix = prefix_den > 0
+    f_prev = torch.exp(torch.where(has_prefix, (m + (pos - 1) * w - q).double(), 0.0))
     num = f_state * aa0 + (f_prev * prefix_num).float() + f_self * v
     den = f_state * bb0 + (f_prev * prefix_den).float() + f_self
     y = (num / den).reshape(B, n * L, C)[:, :T]

@@ -28,7 +28,6 @@ into a model of another version or shape is refused; into other weights of the s
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -56,8 +55,6 @@ from .state_rwkv_hf import (
     layer_states_from,
     model_weights_hash,
 )
-
-logger = logging.getLogger(__name__)
 
 PEFT_METHOD = "state_tuning"
 PREFIX = "state_tuning_"
@@ -268,17 +265,17 @@ class StateTuningModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         device = _model_device(parent) if hasattr(parent, "get_input_embeddings") else None
-        _check_or_record_identity(peft_config, adapter_name, _rwkv_model(parent))
-        if isinstance(target, StateTuningLayer):
-            target.update_layer(adapter_name, peft_config, device)
-        elif type(target).__name__ == "RwkvInitState":
-            self._replace_module(
-                parent, target_name, StateTuningLayer(target, adapter_name, peft_config, device), target
-            )
-        else:
+        if not isinstance(target, StateTuningLayer) and type(target).__name__ != "RwkvInitState":
             raise TypeError(
                 f"state tuning targets the model's initial-state slot (rwkv.init_state); {current_key!r} is a "
                 f"{type(target).__name__}"
+            )
+        _check_or_record_identity(peft_config, adapter_name, _rwkv_model(parent))
+        if isinstance(target, StateTuningLayer):
+            target.update_layer(adapter_name, peft_config, device)
+        else:
+            self._replace_module(
+                parent, target_name, StateTuningLayer(target, adapter_name, peft_config, device), target
             )
 
     def _replace_module(self, parent, child_name, new_module, child):
@@ -293,11 +290,14 @@ class StateTuningModel(BaseTuner):
 def _check_or_record_identity(config: StateTuningConfig, adapter_name: str, base) -> None:
     """A new adapter records the model it is created on; a loaded one must come from this model.
 
-    Runs before the adapter exists, so a refusal leaves the model as it was."""
+    Runs before the adapter's layer is made, so a refusal leaves the model's states as they were."""
     recorded = config.model_identity
     what = f"The state-tuning adapter {adapter_name!r}"
-    if recorded is None:  # new: it will be tuned on this model
+    # New: it will be tuned on this model. A config object we filled in and that is used again (PEFT does not
+    # copy configs: get_peft_model(other_model, same_config)) is new again, not an adapter from elsewhere.
+    if recorded is None or getattr(config, "_identity_recorded_here", False):
         config.model_identity = _model_identity(base)
+        config._identity_recorded_here = True  # not a dataclass field: never saved
         return
     model_desc = _describe_config(base.config)
     expected = _fingerprint_config(base.config)

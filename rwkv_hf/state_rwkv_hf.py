@@ -16,6 +16,11 @@ container                 tensor ``blocks.{i}.att.time_state``       written by
                           fp32, plus a fingerprint of the base model  ``init_state.safetensors``
 ========================  =========================================  ==========================================
 
+Our format also records the identity of the model a state was saved from: version, shapes and a hash of its
+weights (``model_weights_hash``). ``load_init_state`` refuses a state from other weights of the same shape unless
+``allow_other_model=True``; ``.pth`` / ``.state`` files carry no identity and load on shapes and version, as
+everywhere in the ecosystem. A state with NaN/Inf is refused wherever it enters.
+
 Inside the model the state lives in the cache layout (``cache_rwkv_hf``): RWKV-5.2/6 ``[key, value]``, RWKV-7
 ``[value, key]``. So a ``.pth`` tensor is transposed for v5.2/v6 and used as is for v7 (the official package
 transposes for v5/v6 only; RWKV-Runner uses v7 states as is), and a ``.state`` tensor the other way round.
@@ -295,14 +300,16 @@ def model_weights_hash(model) -> Optional[str]:
     it is. Cost: 64 elements per tensor are read, nothing is copied, whatever the model size.
 
     Precision: elements are rounded to bfloat16, with magnitudes below 2^-14 taken as 0, so the fp32, bf16 and
-    fp16 copies of weights published in bf16 (every official RWKV model) hash alike: fp16 holds every such bf16
-    value exactly. Weights trained in fp32 and cast to fp16 round differently and hash differently; load their
-    states with ``allow_other_model=True``.
+    fp16 copies of weights published in bf16 (as official RWKV checkpoints are) hash alike: fp16 holds every
+    such bf16 value exactly. Weights trained in fp32 and cast to fp16 round differently and hash differently;
+    load their states with ``allow_other_model=True``.
     """
     base = _rwkv_model(model)
     digest = hashlib.sha256(f"{_HASH_SCHEME}|RWKV-{base.config.rwkv_version}".encode())
     for name, tensor in sorted(_weight_tensors(base), key=lambda item: item[0]):
-        if tensor.device.type == "meta":
+        # Meta: offloaded or not loaded. Sharded (FSDP2 DTensor): reading it is a collective, and a rank's shard
+        # is not the model; the caller records no hash rather than a wrong one or a hang.
+        if tensor.device.type == "meta" or hasattr(tensor, "to_local"):
             return None
         sample = _strided_sample(tensor.detach(), _SAMPLES_PER_TENSOR).float()
         sample = torch.where(sample.abs() < _TINY, torch.zeros_like(sample), sample)  # also makes -0.0 +0.0
@@ -388,8 +395,8 @@ def _require_finite(tensor: torch.Tensor, what: str, source: str) -> None:
     layers = ", ".join(map(str, rows[:8])) + ("..." if len(rows) > 8 else "")
     found = " and ".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(tensor).any()))
     raise StateFileError(
-        f"{source}: {what} of layer{'s' if len(rows) > 1 else ''} {layers} contains {found}; a state must be "
-        "finite (was it saved from a diverged training run?)"
+        f"{source}: {what} of layer{'s' if len(rows) > 1 else ''} {layers} contains {found}; a state must hold "
+        "finite numbers only"
     )
 
 
@@ -1158,7 +1165,13 @@ def attach_default_init_state(model, pretrained_model_name_or_path, **hub_kwargs
         if not found:
             return False
         path = Path(found)
-    load_init_state(model, path, name=None)
+    try:
+        load_init_state(model, path, name=None)
+    except StateFileError as err:  # from_pretrained takes no override: say how to get the model loaded anyway
+        raise StateFileError(
+            f"{err} from_pretrained mounts {path} as the default initial state: move it away to load the model "
+            "without it (and mount it with load_init_state if you mean to)."
+        ) from err
     return True
 
 
@@ -1330,6 +1343,7 @@ __all__ = [
     "make_init_state_trainable",
     "merge_trainable_init_state",
     "mix_init_states",
+    "model_weights_hash",
     "parse_state_name",
     "read_state_file",
     "save_default_init_state",

@@ -233,3 +233,32 @@ def test_an_integer_tensor_in_a_folders_weights_is_refused(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{key} is stored as I32"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: f"v{v}")
+def test_a_left_padded_training_batch_has_the_gradients_of_its_unpadded_rows(version):
+    """RWKV-4's padding keys (-1e30) once made the chunked WKV compute inf * 0: NaN logits, loss and gradients."""
+    rows = [random_ids(1, 9, seed=7), random_ids(1, 5, seed=8)]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 9 - row.shape[1]:], mask[i, 9 - row.shape[1]:] = row[0], 1
+    # -100 on the pads, and on each row's first token (alone, nothing predicts it; padded, a pad position would)
+    labels = ids.masked_fill(torch.cat([torch.zeros(2, 1, dtype=torch.long), mask[:, :-1]], 1) == 0, -100)
+
+    def summed_loss(model, x, attention_mask, y):
+        logits = model(x, attention_mask=attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+
+    padded, alone = tiny_model(version).train(), tiny_model(version).train()
+    loss = summed_loss(padded, ids, mask, labels)
+    assert torch.isfinite(loss)
+    assert torch.isfinite(padded(ids, attention_mask=mask).logits).all()
+    loss.backward()
+    expected = sum(summed_loss(alone, row, None, row) for row in rows)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for (name, p), q in zip(padded.named_parameters(), alone.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)

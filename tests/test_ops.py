@@ -125,3 +125,26 @@ def test_gradients_of_the_chunked_forms_match_the_references():
             grads.append([leaf.grad for leaf in leaves])
         for g_ref, g in zip(*grads):
             torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=1e-4)
+
+
+def test_rwkv4_chunked_gradients_equal_the_recurrence_with_strong_decays():
+    """Decays like a trained model's (|w| up to ~20) once made the chunked backward lose 8% of the value gradient
+    to cancellation (cumsum minus the own term, at a scale of e^100)."""
+    from rwkv_hf.ops_rwkv_hf import empty_wkv4_state, wkv4_chunked, wkv4_recurrent
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, C = 2, 11, 16
+    w = -torch.exp(torch.linspace(-5, 3, C))  # -0.007 ... -20
+    u, k, v = torch.randn(C, generator=gen), torch.randn(B, T, C, generator=gen), torch.randn(B, T, C, generator=gen)
+    k[1, :4] = -1e30  # left padding keys
+    g = torch.randn(B, T, C, generator=gen)
+    g[1, :4] = 0
+    grads = []
+    for fn in (wkv4_recurrent, wkv4_chunked):
+        inputs = [t.clone().requires_grad_() for t in (w, u, k, v)]
+        y, _ = fn(*inputs, empty_wkv4_state(B, C))
+        (y * g).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for name, a, b in zip("wukv", *grads):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
