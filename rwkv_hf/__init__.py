@@ -16,6 +16,11 @@ AutoConfig.register(RwkvConfig.model_type, RwkvConfig, exist_ok=True)
 # exist_ok: transformers' built-in RWKV-4 config is also *named* RwkvConfig, and the Auto mappings key on names.
 AutoModel.register(RwkvConfig, RwkvModel, exist_ok=True)
 AutoModelForCausalLM.register(RwkvConfig, RwkvForCausalLM, exist_ok=True)
+# save_pretrained / push_to_hub copy the code files of classes registered for an Auto class, so that the folder
+# loads with trust_remote_code where this package is not installed.
+RwkvConfig.register_for_auto_class()
+RwkvModel.register_for_auto_class("AutoModel")
+RwkvForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 try:
     from transformers import AutoTokenizer
@@ -26,6 +31,8 @@ try:
     # the last is the default. (One call with slow= and fast= classes maps the World name to the 20B class.)
     AutoTokenizer.register(RwkvConfig, tokenizer_class=Rwkv20BTokenizer, exist_ok=True)
     AutoTokenizer.register(RwkvConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    Rwkv20BTokenizer.register_for_auto_class("AutoTokenizer")
+    RwkvWorldTokenizer.register_for_auto_class("AutoTokenizer")
 except ImportError:  # pragma: no cover - while the tokenizer module is being written
     pass
 

@@ -28,6 +28,13 @@ def normalize_version(version) -> str:
     )
 
 
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_rwkv_hf.RwkvConfig",
+    "AutoModel": "modeling_rwkv_hf.RwkvModel",
+    "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvForCausalLM",
+}
+
+
 class RwkvConfig(PretrainedConfig):
     r"""
     Configuration of an RWKV language model of any generation.
@@ -116,6 +123,9 @@ class RwkvConfig(PretrainedConfig):
         self.wkv_backend = wkv_backend
         self.use_cache = use_cache
         self._check_sizes()
+        # Where a folder without this package finds the code (save_pretrained copies the files next to it): a
+        # saved or pushed model always carries its remote code, whether converted or built here.
+        kwargs.setdefault("auto_map", dict(REMOTE_CODE_AUTO_MAP))
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

@@ -94,11 +94,11 @@ def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x if scale == 1.0 else x * scale
 
 
-def group_norm_heads(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm with one group per head over y [B, T, H, N] (RWKV's ``ln_x``), in fp32."""
+def group_norm_heads(y: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """RWKV's ``ln_x``: GroupNorm with one group per head over y [B, T, H, N], in the norm's dtype (fp32 as
+    loaded). Called as a module, so that accelerate's offload hooks bring its weights in first."""
     B, T, H, N = y.shape
-    out = F.group_norm(y.reshape(B * T, H * N).float(), H, weight.float(), bias.float(), eps)
-    return out.view(B, T, H * N)
+    return norm(y.reshape(B * T, H * N).to(norm.weight.dtype)).view(B, T, H * N)
 
 
 def one_cache_argument(cache, past_key_values, output_attentions=None):
@@ -215,7 +215,7 @@ class Rwkv5TimeMix(nn.Module):
         k, log_w = masked(k, mask), masked(log_w, mask)
         wkv_state = state.wkv if state.wkv is not None else x.new_zeros(B, H, N, N, dtype=torch.float32)
         y, new_wkv = wkv5(r, k, v, log_w, self.time_faaaa.float(), wkv_state)
-        y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
+        y = group_norm_heads(y, self.ln_x).to(x.dtype)
         return self.output(scaled(y * g, out_scale)), new_wkv
 
 
@@ -311,7 +311,7 @@ class Rwkv7TimeMix(nn.Module):
         wkv_state = state.wkv if state.wkv is not None else x.new_zeros(B, H, N, N, dtype=torch.float32)
         y, new_wkv = wkv7(r4d, log_w, wkv_k, v4d, a, b, wkv_state)
 
-        y = group_norm_heads(y, self.ln_x.weight, self.ln_x.bias, self.gn_eps).to(x.dtype)
+        y = group_norm_heads(y, self.ln_x).to(x.dtype)
         bonus = (r4d * k * self.r_k).sum(dim=-1, keepdim=True) * v4d  # the current token's own term
         y = y + bonus.view(B, T, C)
         return self.output(scaled(y * g, out_scale)), new_wkv, v_first

@@ -85,3 +85,23 @@ def test_trust_remote_code_without_the_package_gives_the_official_logits(tmp_pat
     with torch.no_grad():  # and the installed package generates the same
         installed = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
         assert installed.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist() == out["greedy"]
+
+
+def test_a_model_saved_after_import_carries_its_code(tmp_path, fresh_python):
+    """save_pretrained of a model built here (not converted) must load where rwkv_hf is not installed."""
+    from model_factory import random_ids, tiny_model
+
+    model = tiny_model("6")
+    model.save_pretrained(tmp_path / "saved")
+    for name in ("configuration_rwkv_hf.py", "modeling_rwkv_hf.py", "compat_rwkv_hf.py"):
+        assert (tmp_path / "saved" / name).is_file(), name
+    ids = random_ids(1, 8)
+    result = subprocess.run(
+        [fresh_python, "-c", REMOTE_SCRIPT, str(tmp_path / "saved"), json.dumps(ids.tolist())],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(out["logits"]), model(ids).logits[0], atol=1e-5, rtol=0)
+    assert out["greedy"] == out["loop"]
