@@ -15,7 +15,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output_dir", help="folder to write (config.json, model.safetensors, code, tokenizer)")
     convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     convert.add_argument("--tokenizer", default="auto", help="auto, world, 20b or none (default: auto, by vocab size)")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert into a non-empty folder: replaces the converter's own files (and removes those an earlier "
+        "rwkv_hf conversion left there), never touches anything else",
+    )
 
     from .chat_cli import add_chat_parser
     from .demo import add_demo_parser
@@ -33,9 +38,13 @@ def main(argv=None) -> int:
 
         try:
             return main_convert(args)
-        except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+        except (CheckpointError, ValueError, OSError) as err:  # OSError: unusable destination, disk full, ...
             print(f"rwkv-hf convert: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # the conversion is staged in a hidden sibling folder and moved into place in one step
+            print(f"rwkv-hf convert: interrupted; {args.output_dir} was not left half-written", file=sys.stderr)
+            return 130
     if args.command == "chat":
         from .chat_cli import main_chat
 

@@ -430,9 +430,15 @@ def _check_weight_dtypes(folder: str) -> None:
     (a corrupt or tampered file) to the parameter dtype without a word. Reads the headers only."""
     from safetensors import safe_open
 
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".safetensors") or not name.startswith("model"):
-            continue
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: the files the index names, not whatever else the folder holds
+        import json
+
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        names = ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
+    for name in names:
         with safe_open(os.path.join(folder, name), framework="pt") as f:
             for key in f.keys():
                 dtype = f.get_slice(key).get_dtype()
