@@ -386,6 +386,9 @@ def _check_same_weights(
     logger.warning("%s Loading it anyway, as asked.", message)
 
 
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _require_finite(tensor: torch.Tensor, what: str, source: str) -> None:
     """Refuse NaN/Inf in ``tensor`` (one row per layer along dim 0), naming the layers that have them."""
     finite = torch.isfinite(tensor)
@@ -486,8 +489,12 @@ def _raw_from_dict(data, source: str, orientation: str, metadata: Optional[Dict[
         ):
             match = pattern.match(str(key))
             if match:
-                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                    raise StateFileError(f"{source}: {key} is not a floating-point tensor")
+                if not isinstance(value, torch.Tensor) or value.dtype not in _STATE_DTYPES:
+                    found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise StateFileError(
+                        f"{source}: {key} is {found}; expected a float32, bfloat16, float16 or float64 tensor "
+                        "(a float8 or quantised state would lose the precision a state needs)"
+                    )
                 target[int(match.group(1))] = value
                 break
     if not raw.layers:

@@ -445,3 +445,16 @@ def test_nan_adapter_weights_are_refused_before_they_replace_anything(adapter, t
         model.load_adapter(bad, adapter_name="default")  # reloading into the live adapter: it keeps its values
     assert torch.equal(model.get_base_model().rwkv.init_state.state_tuning_wkv["default"], before)
 
+
+
+def test_a_float8_state_file_is_refused_with_its_dtype(tmp_path):
+    from safetensors.torch import save_file
+
+    from rwkv_hf.state_rwkv_hf import StateFileError
+
+    model = tiny_model("7")
+    H, N = model.config.num_attention_heads, model.config.head_size
+    save_file({f"blocks.{i}.att.time_state": torch.zeros(H, N, N).to(torch.float8_e4m3fn)
+               for i in range(model.config.num_hidden_layers)}, tmp_path / "s.safetensors")
+    with pytest.raises(StateFileError, match="float8_e4m3fn; expected a float32"):
+        model.load_init_state(tmp_path / "s.safetensors")
