@@ -756,7 +756,8 @@ class RwkvModel(RwkvPreTrainedModel):
             raise ValueError(
                 f"attention_mask has a padded position between real tokens (row {row}, position {col} of the "
                 f"{seq_len} new tokens); expected padding only at the start (left, the tokenizer's default) or the "
-                "end of each row"
+                "end of each row (generate infers a mask from input_ids == pad_token_id when pad differs from eos; "
+                "if those ids are real tokens, pass attention_mask=torch.ones_like(input_ids))"
             )
         if continuing_v4 and bool((pad & ~real_before).any()):
             raise ValueError(

@@ -53,7 +53,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
         logits = model(ids).logits[0].tolist()
-        greedy = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()
+        # random ids hold the pad id 0: an explicit mask, else generate reads those as padding holes
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0].tolist()
         # the same six tokens by hand, carrying the state through the outputs' `cache`
         out, loop = model(ids, use_cache=True), ids
         for _ in range(6):
@@ -84,7 +86,9 @@ def test_trust_remote_code_without_the_package_gives_the_official_logits(tmp_pat
     assert out["greedy"] == out["loop"]
     with torch.no_grad():  # and the installed package generates the same
         installed = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
-        assert installed.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist() == out["greedy"]
+        greedy = installed.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert greedy[0].tolist() == out["greedy"]
 
 
 def test_a_model_saved_after_import_carries_its_code(tmp_path, fresh_python):
