@@ -110,6 +110,72 @@ def one_cache_argument(cache, past_key_values, output_attentions=None):
     return cache if cache is not None else past_key_values
 
 
+def document_starts(attention_mask, batch_size, seq_len, position_ids=None, seq_idx=None, cu_seq_lens_q=None, cu_seq_lens_k=None):
+    """Where packed documents start: a bool [B, T] (True at each document's first token, always at t = 0), or None
+    when every row holds one document (the usual case, and every generate step).
+
+    Each marker transformers' and TRL's packing collators send is read: a position 0, a change of ``seq_idx``, an
+    offset in ``cu_seq_lens`` (over the flattened [B * T] tokens). A start counts only at a real token with a real
+    token before it in its row, so left padding (generate's positions restart at the first real token) is not a
+    document boundary. Markers that disagree about a start are refused, naming where.
+    """
+    B, T = batch_size, seq_len
+    markers = {}
+    for name, value in (("position_ids", position_ids), ("seq_idx", seq_idx)):
+        if value is None:
+            continue
+        if value.dim() != 2 or value.shape[-1] != T or value.shape[0] not in (1, B):
+            raise ValueError(f"{name} must be [batch, tokens] = [{B}, {T}], got {tuple(value.shape)}")
+        value = value.expand(B, T)
+        if name == "position_ids":
+            markers[name] = value == 0
+        else:
+            markers[name] = torch.cat([torch.ones_like(value[:, :1], dtype=torch.bool), value[:, 1:] != value[:, :-1]], 1)
+    for name, value in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+        if value is None:
+            continue
+        offsets = value.tolist() if value.dim() == 1 else None
+        row_starts = set(range(0, B * T, T))
+        if (
+            not offsets
+            or offsets[0] != 0
+            or offsets[-1] != B * T
+            or any(b <= a for a, b in zip(offsets, offsets[1:]))
+            or not row_starts <= set(offsets)
+        ):
+            raise ValueError(
+                f"{name} must be increasing offsets into the {B} x {T} flattened tokens, from 0 to {B * T}, with a "
+                f"document starting at every row start {sorted(row_starts)[:8]}; got {value.tolist() if value.numel() <= 16 else tuple(value.shape)}"
+            )
+        flat = torch.zeros(B * T, dtype=torch.bool, device=value.device)
+        flat[torch.tensor(offsets[:-1], device=value.device)] = True
+        markers[name] = flat.view(B, T)
+    if not markers:
+        return None
+
+    real = attention_mask[:, -T:].bool() if attention_mask is not None else None
+    if real is None:
+        real = torch.ones(B, T, dtype=torch.bool, device=next(iter(markers.values())).device)
+    real_before = (real.long().cumsum(1) - real.long()) > 0
+    counted = {name: (m.to(real.device) & real & real_before) for name, m in markers.items()}
+    names = list(counted)
+    for other in names[1:]:
+        disagree = counted[names[0]] != counted[other]
+        if bool(disagree.any()):
+            row, col = (int(i) for i in disagree.nonzero()[0])
+            starts_in = names[0] if bool(counted[names[0]][row, col]) else other
+            raise ValueError(
+                f"packed-batch markers disagree: {starts_in} starts a document at row {row}, token {col}, "
+                f"{other if starts_in == names[0] else names[0]} does not"
+            )
+    starts = counted[names[0]]
+    if not bool(starts.any()):
+        return None
+    starts = starts.clone()
+    starts[:, 0] = True
+    return starts
+
+
 class LayerState:
     """The state one block reads and writes: shift inputs of both mixes and the WKV state."""
 
@@ -640,6 +706,12 @@ class RwkvModel(RwkvPreTrainedModel):
         init_state: Optional[str] = None,
         past_key_values: Optional[RwkvCache] = None,
         output_attentions: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        seq_idx: Optional[torch.Tensor] = None,
+        cu_seq_lens_q: Optional[torch.Tensor] = None,
+        cu_seq_lens_k: Optional[torch.Tensor] = None,
+        max_length_q: Optional[int] = None,
+        max_length_k: Optional[int] = None,
         **kwargs,
     ) -> Union[Tuple, RwkvModelOutput]:
         r"""
@@ -647,6 +719,11 @@ class RwkvModel(RwkvPreTrainedModel):
             ``past_key_values``, the name transformers used before 5.24); updated in place unless frozen.
         init_state (`str`, *optional*): name of a mounted initial state to start fresh sequences from (see
             ``load_init_state``); ignored when ``cache`` already holds a state.
+        position_ids, seq_idx, cu_seq_lens_q, cu_seq_lens_k (*optional*): packed documents, as transformers'
+            ``DataCollatorWithFlattening`` and TRL's packing / padding-free collators mark them. RWKV has no
+            positions; these only say where a new document starts (a position 0, a new ``seq_idx``, a
+            ``cu_seq_lens`` offset), and every document then starts from the initial state, exactly as if run
+            alone. ``max_length_q/k`` are accepted and unused.
         """
         reject_unknown_kwargs(type(self).__name__, kwargs)
         given_cache = one_cache_argument(cache, past_key_values, output_attentions)
@@ -671,6 +748,23 @@ class RwkvModel(RwkvPreTrainedModel):
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be [batch, tokens, hidden] with tokens >= 1, got {tuple(inputs_embeds.shape)}")
         B, T, _ = inputs_embeds.shape
+
+        starts = document_starts(attention_mask, B, T, position_ids, seq_idx, cu_seq_lens_q, cu_seq_lens_k)
+        if starts is not None:
+            if given_cache is not None:
+                raise ValueError(
+                    "a packed batch (a document starting after the first token of a row, from position_ids / seq_idx "
+                    "/ cu_seq_lens) cannot continue a recurrent state: pass no cache, or one document per row"
+                )
+            hidden = self.blocks[0].ln0(inputs_embeds)
+            hidden, all_hidden = self._run_packed(hidden, starts, attention_mask, init_state, output_hidden_states)
+            hidden = self.ln_out(hidden)
+            if output_hidden_states:
+                all_hidden = all_hidden[:-1] + (hidden,)
+            # each document's final state is its own: a packed call hands back no cache
+            if not return_dict:
+                return tuple(x for x in (hidden, all_hidden) if x is not None)
+            return RwkvModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(None))
 
         cache = self._cache_for(given_cache, use_cache, B)
         continuing = cache is not None and cache.is_initialized
@@ -717,6 +811,36 @@ class RwkvModel(RwkvPreTrainedModel):
                 all_hidden += (hidden,)
         if cache is not None:
             cache.seen_tokens += T
+        return hidden, all_hidden
+
+    def _run_packed(self, hidden, starts, attention_mask, init_state, output_hidden_states):
+        """Each packed document run from the initial state, as if alone: the documents are cut out of the rows,
+        those of equal length batched together (no padding added), and their outputs put back in place."""
+        B, T, C = hidden.shape
+        by_length = {}
+        for row in range(B):
+            bounds = starts[row].nonzero().flatten().tolist() + [T]
+            for begin, end in zip(bounds[:-1], bounds[1:]):
+                by_length.setdefault(end - begin, []).append(row * T + begin)
+        flat = hidden.reshape(B * T, C)
+        real = attention_mask[:, -T:].reshape(B * T) if attention_mask is not None else None
+        order, outputs = [], []
+        for length, firsts in by_length.items():
+            index = (torch.tensor(firsts, device=hidden.device)[:, None] + torch.arange(length, device=hidden.device)).reshape(-1)
+            n = len(firsts)
+            mask, trailing = self._padding(real[index].view(n, length) if real is not None else None, n, length)
+            out, layers = self._run_blocks(flat[index].view(n, length, C), None, mask, trailing, init_state, output_hidden_states)
+            order.append(index)
+            outputs.append((out, layers))
+        inverse = torch.cat(order).argsort()
+
+        def put_back(pieces):  # [n, L, C] pieces in group order -> [B, T, C] in token order
+            return torch.cat([p.reshape(-1, C) for p in pieces])[inverse].view(B, T, C)
+
+        hidden = put_back([out for out, _ in outputs])
+        all_hidden = None
+        if output_hidden_states:
+            all_hidden = tuple(put_back([layers[i] for _, layers in outputs]) for i in range(len(outputs[0][1])))
         return hidden, all_hidden
 
     def _initial_layer_states(self, batch_size, dtype, device, name):
@@ -910,6 +1034,12 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
         init_state: Optional[str] = None,
         past_key_values: Optional[RwkvCache] = None,
         output_attentions: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        seq_idx: Optional[torch.Tensor] = None,
+        cu_seq_lens_q: Optional[torch.Tensor] = None,
+        cu_seq_lens_k: Optional[torch.Tensor] = None,
+        max_length_q: Optional[int] = None,
+        max_length_k: Optional[int] = None,
         **kwargs,
     ) -> Union[Tuple, RwkvCausalLMOutput]:
         r"""
@@ -920,6 +1050,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
             Token ids for the causal-LM loss (shifted inside: position t predicts labels[t+1]); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions
             (0 = all), or for the given indices.
+        position_ids, seq_idx, cu_seq_lens_q/k, max_length_q/k: packed documents (see ``RwkvModel.forward``).
         """
         # Only the loss keywords transformers' Trainer passes may go unnamed; anything else is a caller (or a
         # transformers release) speaking a different contract, and must not be silently dropped.
@@ -935,6 +1066,10 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             init_state=init_state,
+            position_ids=position_ids,
+            seq_idx=seq_idx,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
         )
         hidden = outputs.last_hidden_state
         self._cpu_inference_layout()
