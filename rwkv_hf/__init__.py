@@ -6,11 +6,15 @@ Importing the package registers the classes with the Auto* factories, so a conve
 
 __version__ = "0.2.0"
 
+import sys
+
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_rwkv_hf import RwkvCache
 from .configuration_rwkv_hf import RwkvConfig
-from .modeling_rwkv_hf import RwkvForCausalLM, RwkvModel, RwkvPreTrainedModel
+from .modeling_rwkv_hf import RwkvForCausalLM, RwkvHfForCausalLM, RwkvHfModel, RwkvModel, RwkvPreTrainedModel
+
 
 AutoConfig.register(RwkvConfig.model_type, RwkvConfig, exist_ok=True)
 # exist_ok: transformers' built-in RWKV-4 config is also *named* RwkvConfig, and the Auto mappings key on names.
@@ -63,6 +67,8 @@ __all__ = [
     "RwkvConfig",
     "RwkvForCausalLM",
     "RwkvModel",
+    "RwkvHfForCausalLM",
+    "RwkvHfModel",
     "RwkvPreTrainedModel",
     "convert_rwkv_checkpoint",
     "InitState",
@@ -77,3 +83,17 @@ __all__ = [
     "state_tuning_training_arguments",
     "unload_init_state",
 ]
+
+
+def _expose_architecture_names():
+    """TRL, `transformers serve` and others load a folder with getattr(transformers, config.architectures[0]): our
+    classes' own names (never "RwkvForCausalLM", transformers' RWKV-4) resolve there once rwkv_hf is imported. Set
+    on the module object as it is at the end of this import (transformers' lazy module may have been replaced in
+    sys.modules by then) and on the one imported first."""
+    for module in {id(m): m for m in (transformers, sys.modules.get("transformers")) if m is not None}.values():
+        for cls in (RwkvHfModel, RwkvHfForCausalLM):
+            if cls.__name__ not in vars(module):
+                setattr(module, cls.__name__, cls)
+
+
+_expose_architecture_names()

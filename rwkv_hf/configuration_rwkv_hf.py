@@ -30,9 +30,12 @@ def normalize_version(version) -> str:
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_rwkv_hf.RwkvConfig",
-    "AutoModel": "modeling_rwkv_hf.RwkvModel",
-    "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvForCausalLM",
+    "AutoModel": "modeling_rwkv_hf.RwkvHfModel",
+    "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvHfForCausalLM",
 }
+
+
+RENAMED_ARCHITECTURES = {"RwkvForCausalLM": "RwkvHfForCausalLM", "RwkvModel": "RwkvHfModel"}
 
 
 class RwkvConfig(PretrainedConfig):
@@ -126,6 +129,10 @@ class RwkvConfig(PretrainedConfig):
         # Where a folder without this package finds the code (save_pretrained copies the files next to it): a
         # saved or pushed model always carries its remote code, whether converted or built here.
         kwargs.setdefault("auto_map", dict(REMOTE_CODE_AUTO_MAP))
+        # Folders written by rwkv_hf 0.2.0 and before name the model class "RwkvForCausalLM", which is transformers'
+        # built-in RWKV-4 to every tool that resolves the class by name; a re-save writes the name of our own class.
+        if kwargs.get("architectures"):
+            kwargs["architectures"] = [RENAMED_ARCHITECTURES.get(name, name) for name in kwargs["architectures"]]
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

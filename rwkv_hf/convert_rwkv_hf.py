@@ -533,7 +533,7 @@ def _convert_in_memory(checkpoint, dtype, tokenizer_choice: str, progress: bool)
         source, state_dict = str(checkpoint), load_official_checkpoint(checkpoint)
     weights, init_states = split_init_state(state_dict)
     config = infer_config(weights)
-    config.architectures = ["RwkvForCausalLM"]
+    config.architectures = ["RwkvHfForCausalLM"]
     tensors = map_state_dict(weights, config, dtype=dtype, progress=progress)
     check_init_states(init_states, config)
     tokenizer = _make_tokenizer(tokenizer_choice, config)
@@ -544,8 +544,8 @@ def _convert_in_memory(checkpoint, dtype, tokenizer_choice: str, progress: bool)
     model.eval()
     model.config.auto_map = {
         "AutoConfig": "configuration_rwkv_hf.RwkvConfig",
-        "AutoModel": "modeling_rwkv_hf.RwkvModel",
-        "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvForCausalLM",
+        "AutoModel": "modeling_rwkv_hf.RwkvHfModel",
+        "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvHfForCausalLM",
     }
     from . import __version__
 

@@ -665,7 +665,7 @@ def _init_rwkv_mix(module: nn.Module, config: RwkvConfig):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class RwkvModel(RwkvPreTrainedModel):
+class RwkvHfModel(RwkvPreTrainedModel):
     # Loading the base model from a causal-LM folder leaves the head out on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^head\."]
 
@@ -938,12 +938,12 @@ class RwkvModel(RwkvPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
+class RwkvHfForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
     _tied_weights_keys = {}
 
     def __init__(self, config: RwkvConfig):
         super().__init__(config)
-        self.rwkv = RwkvModel(config)
+        self.rwkv = RwkvHfModel(config)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._cpu_layout_done = False
         self.post_init()
@@ -1088,4 +1088,10 @@ class RwkvForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin):
         return RwkvCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, **cache_kwargs(new_cache))
 
 
-__all__ = ["RwkvPreTrainedModel", "RwkvModel", "RwkvForCausalLM", "RwkvCache", "RwkvModelOutput", "RwkvCausalLMOutput"]
+# The names users import. The classes carry names of their own because tools find a model's class from the
+# ``architectures`` name that save_pretrained writes (``getattr(transformers, name)``: TRL, ``transformers serve``,
+# vLLM), and "RwkvForCausalLM" there is transformers' built-in RWKV-4: it loaded with random weights, silently.
+RwkvModel = RwkvHfModel
+RwkvForCausalLM = RwkvHfForCausalLM
+
+__all__ = ["RwkvPreTrainedModel", "RwkvModel", "RwkvForCausalLM", "RwkvHfModel", "RwkvHfForCausalLM", "RwkvCache", "RwkvModelOutput", "RwkvCausalLMOutput"]

@@ -88,8 +88,8 @@ def test_merged_time_state_is_kept_in_its_own_file(tmp_path):
 def test_converted_folder_carries_its_code_and_auto_map(tmp_path):
     convert_rwkv_checkpoint(small("4"), tmp_path, progress=False)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv_hf.RwkvForCausalLM"
-    assert config["auto_map"]["AutoModel"] == "modeling_rwkv_hf.RwkvModel"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv_hf.RwkvHfForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_rwkv_hf.RwkvHfModel"
     for name in ("modeling_rwkv_hf.py", "configuration_rwkv_hf.py", "ops_rwkv_hf.py", "cache_rwkv_hf.py"):
         assert (tmp_path / name).is_file(), name
 

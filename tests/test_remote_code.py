@@ -109,3 +109,61 @@ def test_a_model_saved_after_import_carries_its_code(tmp_path, fresh_python):
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(out["logits"]), model(ids).logits[0], atol=1e-5, rtol=0)
     assert out["greedy"] == out["loop"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The architecture name: tools that resolve the class by name must land on this model, never on transformers'
+# built-in RWKV-4 "RwkvForCausalLM" (which loaded these folders with random weights, silently)
+# ---------------------------------------------------------------------------------------------------------
+
+BY_NAME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, transformers
+    from transformers import AutoConfig
+    name = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True).architectures[0]
+    try:
+        cls = getattr(transformers, name)
+        print(json.dumps({"name": name, "resolved": cls.__module__}))
+    except AttributeError as e:
+        print(json.dumps({"name": name, "error": str(e)}))
+    """
+)
+
+
+def test_tools_that_resolve_the_architecture_name_get_this_model(tmp_path, fresh_python):
+    """TRL's SFTTrainer(model=folder) and `transformers serve` load getattr(transformers, architectures[0])."""
+    import transformers
+    from model_factory import random_ids, tiny_model
+
+    from rwkv_hf import RwkvForCausalLM
+
+    model = tiny_model("7").eval()
+    model.save_pretrained(tmp_path / "saved")
+    name = json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"][0]
+    assert name == "RwkvHfForCausalLM" and name != transformers.RwkvForCausalLM.__name__
+    # with rwkv_hf imported, the name resolves to this model, which loads the folder's weights
+    loaded = getattr(transformers, name).from_pretrained(tmp_path / "saved").eval()
+    assert isinstance(loaded, RwkvForCausalLM)
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    # without it, the lookup fails loudly instead of giving transformers' RWKV-4 with random weights
+    result = subprocess.run([fresh_python, "-c", BY_NAME_SCRIPT, str(tmp_path / "saved")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["name"] == "RwkvHfForCausalLM" and "resolved" not in out, out
+
+
+def test_a_folder_naming_the_old_architecture_is_renamed_on_load(tmp_path):
+    from model_factory import tiny_model
+
+    tiny_model("6").save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["RwkvForCausalLM"]  # as rwkv_hf 0.2.0 wrote it
+    config["auto_map"]["AutoModelForCausalLM"] = "modeling_rwkv_hf.RwkvForCausalLM"
+    config_path.write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "old")
+    assert model.config.architectures == ["RwkvHfForCausalLM"]
+    model.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["architectures"] == ["RwkvHfForCausalLM"]
