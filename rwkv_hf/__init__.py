@@ -29,14 +29,17 @@ RwkvForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 try:
     from transformers import AutoTokenizer
 
-    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer
+    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer, RwkvWorldTokenizerFast
 
     # Two registrations: the first makes the 20B class name resolvable from a folder's tokenizer_config.json,
-    # the last is the default. (One call with slow= and fast= classes maps the World name to the 20B class.)
+    # the last is the default; its slow/fast pair makes the name "RwkvWorldTokenizer" resolve to the fast class.
     AutoTokenizer.register(RwkvConfig, tokenizer_class=Rwkv20BTokenizer, exist_ok=True)
-    AutoTokenizer.register(RwkvConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    AutoTokenizer.register(
+        RwkvConfig, slow_tokenizer_class=RwkvWorldTokenizer, fast_tokenizer_class=RwkvWorldTokenizerFast, exist_ok=True
+    )
     Rwkv20BTokenizer.register_for_auto_class("AutoTokenizer")
     RwkvWorldTokenizer.register_for_auto_class("AutoTokenizer")
+    RwkvWorldTokenizerFast.register_for_auto_class("AutoTokenizer")
 except ImportError:  # pragma: no cover - while the tokenizer module is being written
     pass
 

@@ -561,9 +561,10 @@ def _make_tokenizer(choice: str, config: RwkvConfig):
         choice = "world" if config.vocab_size == 65536 else "20b" if config.vocab_size in (50277, 50304) else "none"
     if choice == "none":
         return None
-    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer
+    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizerFast
 
-    tokenizer = RwkvWorldTokenizer() if choice == "world" else Rwkv20BTokenizer()
+    # World: the fast class, so the folder carries a tokenizer.json too (and the vocabulary file it is built from)
+    tokenizer = RwkvWorldTokenizerFast() if choice == "world" else Rwkv20BTokenizer()
     if len(tokenizer) > config.vocab_size:
         raise ValueError(
             f"The {choice} tokenizer has {len(tokenizer)} tokens but the model's embedding has {config.vocab_size} "
@@ -803,11 +804,13 @@ def _init_state_by_the_converter(path: Path) -> bool:
 
 
 def _our_tokenizer_files(dest: Path) -> Set[str]:
-    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer
+    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer, RwkvWorldTokenizerFast
 
     config = _read_small_json(dest / "tokenizer_config.json")
     name = config.get("tokenizer_class") if isinstance(config, dict) else None
-    ours = {cls.__name__: cls for cls in (RwkvWorldTokenizer, Rwkv20BTokenizer)}
+    # "RwkvWorldTokenizer" is what transformers writes for either World class: own the fast one's files too
+    ours = {"RwkvWorldTokenizer": RwkvWorldTokenizerFast, "RwkvWorldTokenizerFast": RwkvWorldTokenizerFast,
+            "Rwkv20BTokenizer": Rwkv20BTokenizer}
     if name not in ours:
         return set()  # the user's own tokenizer (e.g. kept with tokenizer none) stays
     common = {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenization_rwkv_hf.py"}

@@ -60,7 +60,8 @@ RWKV_CHAT_TEMPLATE = """\
     collapsed to one, so that a message cannot contain the blank line that ends a turn (raw=true keeps it as is).
     A "metadata" string goes on the line before the content (ChatGLM3 tool calls); "tools" on the system message,
     or passed to apply_chat_template, are appended to the system text as JSON. prefix_turn_end=true starts the text
-    with "\n\n", to continue a recurrent state that ends right after a reply (see build_chat_input). -#}
+    with "\n\n", to continue a recurrent state that ends right after a reply (see build_chat_input). An assistant
+    message's " content\n\n" is marked {% generation %} (return_assistant_tokens_mask, TRL's assistant_only_loss). -#}
 {%- set role_names = {"system": "System", "user": "User", "assistant": "Assistant", "observation": "Observation"} -%}
 {%- set keep_raw = raw is defined and raw -%}
 {%- set ns = namespace(tools=none) -%}
@@ -114,7 +115,16 @@ RWKV_CHAT_TEMPLATE = """\
     {%- if loop.last and add_generation_prompt and message.role == "user" and text == "" -%}
         {{- raise_exception("the user message is empty") -}}
     {%- endif -%}
-    {{- role_names[message.role] ~ ": " ~ text ~ "\\n\\n" -}}
+    {%- if message.role == "assistant" -%}
+        {#- what the model writes after the "Assistant:" prompt, turn end included: the span TRL's
+            assistant_only_loss trains on (return_assistant_tokens_mask) -#}
+        {{- "Assistant:" -}}
+        {%- generation -%}
+        {{- " " ~ text ~ "\\n\\n" -}}
+        {%- endgeneration -%}
+    {%- else -%}
+        {{- role_names[message.role] ~ ": " ~ text ~ "\\n\\n" -}}
+    {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- "Assistant:" -}}
@@ -408,11 +418,49 @@ class _WorldVocab:
         return self
 
     @property
+    def backend_json(self) -> str:
+        """This vocabulary as a ``tokenizers`` tokenizer (JSON, built once): the same greedy longest match, in Rust.
+
+        ByteLevel maps the text's UTF-8 bytes to one char each (GPT-2's byte alphabet, so tokens are byte-level
+        strs: "Ġworld"); a Split whose regex is the token trie (see ``_trie_pattern``) cuts out the longest token
+        at each position, as ``matcher`` does; WordLevel looks each piece up. ``<|endoftext|>`` is id 0.
+        """
+        if getattr(self, "_backend_json", None) is None:
+            from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+            to_char = _byte_level_alphabet()
+            vocab = {"".join(to_char[b] for b in token): idx for idx, token in enumerate(self.id_to_bytes) if token}
+            vocab[ENDOFTEXT] = 0
+            backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+            pattern = _trie_pattern(vocab, lambda ch: "\\x{%x}" % ord(ch), lambda ch: "\\x{%x}" % ord(ch))
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            ])
+            backend.decoder = decoders.ByteLevel()
+            backend.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+            self._backend_json = backend.to_str()
+        return self._backend_json
+
+    @property
     def matcher(self):
         """``findall`` of a regex that matches the longest vocabulary token at each position (compiled lazily, ~1 s)."""
         if self._matcher is None:
             self._matcher = _compile_longest_match(self.str_to_id).findall
         return self._matcher
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-char table, the one ``tokenizers``' ByteLevel uses: printable bytes map to themselves."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
 
 
 def _compile_longest_match(tokens) -> re.Pattern:
@@ -424,6 +472,12 @@ def _compile_longest_match(tokens) -> re.Pattern:
     different characters, so at most one of them can match. ``findall`` then cuts a whole text, in C, exactly like
     the official greedy byte-trie loop, because every single byte is a token.
     """
+    return re.compile(_trie_pattern(tokens, re.escape, _class_char), re.DOTALL)
+
+
+def _trie_pattern(tokens, escape, class_char) -> str:
+    """The trie regex of ``_compile_longest_match``, with ``escape`` / ``class_char`` writing one char outside /
+    inside a ``[...]`` class (Python's ``re`` and Oniguruma, which ``tokenizers`` uses, escape differently)."""
     root: dict = {}
     for token in tokens:
         node = root
@@ -448,14 +502,14 @@ def _compile_longest_match(tokens) -> re.Pattern:
                 groups.setdefault(emit(node[ch]), []).append(ch)
         ordered = sorted(groups.items(), key=lambda item: -sum(weight(node[ch]) for ch in item[1]))
         branches = [
-            (re.escape(chars[0]) if len(chars) == 1 else "[" + "".join(map(_class_char, sorted(chars))) + "]") + sub
+            (escape(chars[0]) if len(chars) == 1 else "[" + "".join(map(class_char, sorted(chars))) + "]") + sub
             for sub, chars in ordered
         ]
         if None in node:  # a token ends here: the empty alternative
             return "(?:" + "|".join(branches) + "|)" if branches else ""
         return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
-    return re.compile(emit(root), re.DOTALL)
+    return emit(root)
 
 
 def _class_char(ch: str) -> str:
@@ -475,6 +529,34 @@ def _world_vocab_from_bytes(data: bytes, source: str) -> _WorldVocab:
 def _load_world_vocab(path: str) -> _WorldVocab:
     with open(path, "rb") as f:
         return _world_vocab_from_bytes(f.read(), path)
+
+
+def _refuse_a_smaller_model_vocabulary(tokenizer, folder) -> None:
+    config_file = os.path.join(str(folder), "config.json")
+    if not os.path.isfile(config_file):
+        return
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_vocab = json.load(f).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(model_vocab, int) and model_vocab < tokenizer._vocab.size:
+        raise ValueError(
+            f"{folder}: the model has a vocabulary of {model_vocab} tokens, but the RWKV World tokenizer needs "
+            f"{tokenizer._vocab.size} (ids up to {tokenizer._vocab.size - 1}). The folder lacks its own tokenizer "
+            "files: for a GPT-NeoX 20B model, convert again with --tokenizer 20b (or copy its tokenizer.json in)"
+        )
+
+
+def _world_vocab_file(vocab_file: str | None) -> str:
+    if vocab_file is None:
+        vocab_file = os.path.join(_HERE, WORLD_VOCAB_FILE)
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(
+            f"RWKV World vocabulary not found at {vocab_file}: pass vocab_file=, or load from a folder that has "
+            f"{WORLD_VOCAB_FILE} (save_pretrained writes it)"
+        )
+    return vocab_file
 
 
 class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
@@ -504,14 +586,7 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
         unk_token: str | AddedToken | None = None,
         **kwargs,
     ):
-        if vocab_file is None:
-            vocab_file = os.path.join(_HERE, WORLD_VOCAB_FILE)
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(
-                f"RWKV World vocabulary not found at {vocab_file}: pass vocab_file=, or load from a folder that has "
-                f"{WORLD_VOCAB_FILE} (save_pretrained writes it)"
-            )
-        self.vocab_file = vocab_file
+        self.vocab_file = vocab_file = _world_vocab_file(vocab_file)
         self._vocab = _load_world_vocab(vocab_file)
         # id 0 is not in the vocabulary file; registering it first makes it special (split out of text, skipped by
         # skip_special_tokens) and keeps it at id 0
@@ -532,20 +607,7 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
         GPT-NeoX 20B folder (50277 tokens) without its tokenizer files would otherwise get this tokenizer and
         chat on wrong ids."""
         tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
-        if os.path.isfile(config_file):
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    model_vocab = json.load(f).get("vocab_size")
-            except (OSError, ValueError, AttributeError):
-                model_vocab = None
-            if isinstance(model_vocab, int) and model_vocab < tokenizer._vocab.size:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path}: the model has a vocabulary of {model_vocab} tokens, but the RWKV "
-                    f"World tokenizer needs {tokenizer._vocab.size} (ids up to {tokenizer._vocab.size - 1}). The folder "
-                    "lacks its own tokenizer files: for a GPT-NeoX 20B model, convert again with --tokenizer 20b "
-                    "(or copy its tokenizer.json in)"
-                )
+        _refuse_a_smaller_model_vocabulary(tokenizer, pretrained_model_name_or_path)
         return tokenizer
 
     def __getstate__(self):  # pickled by datasets.map(num_proc=...): leave out the rebuildable decode table
@@ -728,6 +790,129 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
                         literal = repr(token)
                     f.write(f"{idx} {literal} {len(token)}\n")
         return (out,)
+
+
+class RwkvWorldTokenizerFast(RwkvChatMixin, PreTrainedTokenizerFast):
+    """The RWKV World tokenizer run by the ``tokenizers`` library: the ids of ``RwkvWorldTokenizer`` (the reference,
+    id-for-id the official TRIE_TOKENIZER), plus what only a ``tokenizers`` backend gives: offsets
+    (``return_offsets_mapping``, ``apply_chat_template(return_assistant_tokens_mask=True)``, TRL's
+    ``assistant_only_loss``), ``backend_tokenizer`` (``transformers serve``'s streaming decoder), and a plain
+    ``tokenizer.json`` other runtimes read. ``AutoTokenizer`` returns this one.
+
+    Built from ``rwkv_vocab_v20230424.txt`` (see ``_WorldVocab.backend_json``); a ``tokenizer.json`` next to it must
+    describe the same tokenizer, or loading fails naming the first difference. Tokens are byte-level strs ("Ġworld"
+    for " world"; the slow tokenizer's are latin-1). Decoding replaces broken UTF-8 per invalid sequence, like the
+    slow one; ids without a token decode to "".
+    """
+
+    vocab_files_names = {"vocab_file": WORLD_VOCAB_FILE, "tokenizer_file": "tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+    slow_tokenizer_class = RwkvWorldTokenizer
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        tokenizer_file: str | None = None,
+        bos_token: str | AddedToken = ENDOFTEXT,
+        eos_token: str | AddedToken = ENDOFTEXT,
+        pad_token: str | AddedToken = ENDOFTEXT,
+        unk_token: str | AddedToken | None = None,
+        **kwargs,
+    ):
+        from tokenizers import Tokenizer
+
+        self.vocab_file = vocab_file = _world_vocab_file(vocab_file)
+        self._vocab = _load_world_vocab(vocab_file)
+        expected = self._vocab.backend_json
+        if tokenizer_file is not None:
+            _check_tokenizer_file(tokenizer_file, expected, vocab_file)
+        for name in ("tokenizer_object", "vocab", "merges"):  # built from the vocabulary file, nothing else
+            kwargs.pop(name, None)
+        kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        kwargs.setdefault("chat_template", RWKV_CHAT_TEMPLATE)
+        super().__init__(
+            tokenizer_object=Tokenizer.from_str(expected),
+            bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token, **kwargs,
+        )
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
+        # keep the files for __init__, which builds the backend from the vocabulary and checks tokenizer.json
+        return kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers', and refused for a folder whose model vocabulary is too small (see the slow class)."""
+        try:
+            tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except json.JSONDecodeError as err:  # transformers reads tokenizer.json first, and names no file
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: not a readable tokenizer.json ({err}); delete it to rebuild it from "
+                f"the vocabulary {WORLD_VOCAB_FILE}"
+            ) from None
+        _refuse_a_smaller_model_vocabulary(tokenizer, pretrained_model_name_or_path)
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab.size
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids exactly as the official ``TRIE_TOKENIZER.encode(text)``: no special tokens, nothing added."""
+        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(text.encode("utf-8").decode("latin-1"))))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Ids of raw bytes (need not be valid UTF-8), as the official ``TRIE_TOKENIZER.encodeBytes(data)``."""
+        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(bytes(data).decode("latin-1"))))
+
+    def _plain_token_ids(self, text: str) -> list[int]:
+        return self.encode_ordinary(text)
+
+    def _vocab_texts(self):
+        return enumerate(self._vocab.id_to_bytes)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        return RwkvWorldTokenizer.save_vocabulary(self, save_directory, filename_prefix)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', plus the vocabulary file: it is the source tokenizer.json is checked against (and the
+        slow tokenizer's only file); transformers' fast save writes tokenizer.json alone."""
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if os.path.isdir(str(save_directory)):
+            prefix = kwargs.get("filename_prefix")
+            written = self.save_vocabulary(str(save_directory), filename_prefix=prefix)
+            saved = tuple(saved) + tuple(f for f in written if f not in saved)
+        return saved
+
+
+def _check_tokenizer_file(path: str, expected_json: str, vocab_file: str) -> None:
+    """A folder's tokenizer.json must be the tokenizer its vocabulary file builds: same tokens and ids, same split."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable tokenizer.json ({_brief(str(err))})") from None
+    expected = json.loads(expected_json)
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: not a tokenizer.json (a JSON object expected)")
+    vocab, want = (found.get("model") or {}).get("vocab"), expected["model"]["vocab"]
+    if vocab != want:
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{path}: no WordLevel vocabulary; expected the RWKV World tokenizer built from {vocab_file}")
+        differ = sorted(set(vocab.items()) ^ set(want.items()), key=lambda item: item[1])
+        token, idx = differ[0]
+        where = "the tokenizer.json" if (token, idx) in vocab.items() else vocab_file
+        raise ValueError(
+            f"{path} does not match the vocabulary {vocab_file}: {len(differ)} (token, id) pairs differ, the first "
+            f"{_brief(token)} = {idx} only in {where}. Delete tokenizer.json to rebuild it from the vocabulary"
+        )
+    for part in ("pre_tokenizer", "decoder", "normalizer", "added_tokens"):
+        if found.get(part) != expected[part]:
+            raise ValueError(
+                f"{path}: its {part} differs from the RWKV World tokenizer built from {vocab_file}; delete "
+                "tokenizer.json to rebuild it from the vocabulary"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_decays_and_group_norm_stay_fp32_when_loading_in_bf16(tmp_path):
     assert att.key.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("version,vocab,expected", [("7", 65536, "RwkvWorldTokenizer"), ("4", 50277, "Rwkv20BTokenizer")])
+@pytest.mark.parametrize("version,vocab,expected", [("7", 65536, "RwkvWorldTokenizerFast"), ("4", 50277, "Rwkv20BTokenizer")])
 def test_the_converter_writes_the_tokenizer_the_vocabulary_size_implies(tmp_path, version, vocab, expected):
     from transformers import AutoTokenizer
 
