@@ -1,4 +1,4 @@
-"""Encoding speed of RwkvWorldTokenizer against the official rwkv TRIE_TOKENIZER, on a large mixed corpus.
+"""Encoding speed of RwkvWorldTokenizer (slow) and RwkvWorldTokenizerFast against the official TRIE_TOKENIZER.
 
     python benchmarks/bench_tokenizer.py [--chars 1500000] [--repeat 2]
 
@@ -28,7 +28,7 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from rwkv_hf.tokenization_rwkv_hf import RwkvWorldTokenizer  # noqa: E402
+from rwkv_hf.tokenization_rwkv_hf import RwkvWorldTokenizer, RwkvWorldTokenizerFast  # noqa: E402
 
 SCRIPTS = {  # (first, last) code points of the script's letters, and its punctuation
     "cjk": ((0x4E00, 0x9FFF), "，。、？！：；"),
@@ -140,6 +140,9 @@ def main() -> None:
     tokenizer = RwkvWorldTokenizer()
     tokenizer.encode_ordinary("warm up")  # compiles the matcher
     print(f"RwkvWorldTokenizer: load + matcher compile {time.perf_counter() - t0:.2f} s")
+    t0 = time.perf_counter()
+    fast = RwkvWorldTokenizerFast()
+    print(f"RwkvWorldTokenizerFast (tokenizers backend, what AutoTokenizer returns): load {time.perf_counter() - t0:.2f} s")
     try:
         from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
     except ImportError:
@@ -153,32 +156,36 @@ def main() -> None:
     parts = build_corpus(tokenizer, args.chars)
     parts["ALL"] = "".join(parts.values())
     hf_call = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    fast_call = lambda text: fast(text)["input_ids"]  # noqa: E731
 
     print(f"{'part':24s} {'chars':>9s} {'tokens':>8s} {'official c/s':>13s} {'encode_ordinary':>16s} {'ratio':>6s}", end="")
-    print(f" {'tokenizer()':>12s} {'ratio':>6s}")
+    print(f" {'tokenizer()':>12s} {'ratio':>6s} {'fast()':>12s} {'ratio':>6s}")
     for name, text in parts.items():
-        fns = {"ours": tokenizer.encode_ordinary, "call": hf_call}
+        fns = {"ours": tokenizer.encode_ordinary, "call": hf_call, "fast": fast_call}
         if official is not None:
             fns["official"] = official.encode
         t, ids = best_times(fns, text, args.repeat)
         assert ids["call"] == ids["ours"], f"{name}: tokenizer() and encode_ordinary differ"
+        assert ids["fast"] == ids["ours"], f"{name}: the fast tokenizer differs"
         row = f"{name:24s} {len(text):9d} {len(ids['ours']):8d} "
         if official is not None:
             assert ids["official"] == ids["ours"], f"{name}: ids differ from the official tokenizer"
             row += f"{len(text) / t['official']:13,.0f} {len(text) / t['ours']:16,.0f} {t['official'] / t['ours']:5.1f}x "
             row += f"{len(text) / t['call']:12,.0f} {t['official'] / t['call']:5.1f}x"
+            row += f" {len(text) / t['fast']:12,.0f} {t['official'] / t['fast']:5.1f}x"
         else:
             row += f"{'-':>13s} {len(text) / t['ours']:16,.0f} {'-':>6s} {len(text) / t['call']:12,.0f} {'-':>6s}"
+            row += f" {len(text) / t['fast']:12,.0f} {'-':>6s}"
         print(row)
 
     text = parts["ALL"]
     ids = tokenizer.encode_ordinary(text)
-    fns = {"ours": tokenizer.decode}
+    fns = {"ours": tokenizer.decode, "fast": fast.decode}
     if official is not None:
         fns["official"] = official.decode
     t, decoded = best_times(fns, ids, args.repeat)
-    assert decoded["ours"] == text
-    line = f"decode ALL: {len(ids) / t['ours']:,.0f} tokens/s"
+    assert decoded["ours"] == text == decoded["fast"]
+    line = f"decode ALL: {len(ids) / t['ours']:,.0f} tokens/s (fast {len(ids) / t['fast']:,.0f})"
     if official is not None:
         line += f" (official {len(ids) / t['official']:,.0f} tokens/s, {t['official'] / t['ours']:.1f}x)"
     print(line)
@@ -190,12 +197,14 @@ def main() -> None:
     lines = [line for line in parts["code+english"].splitlines() if line.strip()][:20000]
     fns = {
         "call": lambda batch: tokenizer(batch)["input_ids"],
+        "fast": lambda batch: fast(batch)["input_ids"],
         "ours": lambda batch: [tokenizer.encode_ordinary(line) for line in batch],
     }
     if official is not None:
         fns["official"] = lambda batch: [official.encode(line) for line in batch]
     t, _ = best_times(fns, lines, args.repeat)
     line = f"batch of {len(lines)} short lines: tokenizer(list) {len(lines) / t['call']:,.0f} texts/s, "
+    line += f"fast(list) {len(lines) / t['fast']:,.0f} texts/s, "
     line += f"encode_ordinary loop {len(lines) / t['ours']:,.0f} texts/s"
     if official is not None:
         line += f", official loop {len(lines) / t['official']:,.0f} texts/s"

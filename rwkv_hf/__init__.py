@@ -4,7 +4,7 @@ Importing the package registers the classes with the Auto* factories, so a conve
 ``AutoModelForCausalLM.from_pretrained(folder)`` without ``trust_remote_code``.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import sys
 

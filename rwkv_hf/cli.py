@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_demo_parser(sub)
     sub.add_parser("build-kernels", help="compile the CUDA WKV extension now (ahead of time) into the user cache")
+    serve = sub.add_parser(
+        "serve",
+        help="`transformers serve` (OpenAI-compatible server) with rwkv_hf imported, so that it loads a folder's "
+        "RwkvHfForCausalLM; arguments go to transformers serve (needs pip install 'transformers[serving]')",
+        add_help=False,
+    )
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -53,11 +60,31 @@ def main(argv=None) -> int:
         from .demo import main_demo
 
         return main_demo(args)
+    if args.command == "serve":
+        return main_serve(args.serve_args)
     if args.command == "build-kernels":
         from .build_kernels import main as build_main
 
         return build_main([])
     return 1
+
+
+def main_serve(serve_args) -> int:
+    """transformers' own server, started after ``import rwkv_hf``: it loads a folder with
+    ``getattr(transformers, config.architectures[0])``, which resolves RwkvHfForCausalLM only once imported."""
+    import rwkv_hf  # noqa: F401  (registers the classes and their names on transformers)
+
+    try:
+        from transformers.cli.transformers import main as transformers_main
+    except ImportError as err:
+        print(f"rwkv-hf serve: error: this transformers has no `transformers serve` command ({err})", file=sys.stderr)
+        return 2
+    sys.argv = ["transformers", "serve", *serve_args]
+    try:
+        transformers_main()
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

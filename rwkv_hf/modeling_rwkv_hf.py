@@ -101,6 +101,10 @@ def group_norm_heads(y: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return norm(y.reshape(B * T, H * N).to(norm.weight.dtype)).view(B, T, H * N)
 
 
+# What generate hands on to the model's inputs without the model needing it (see prepare_inputs_for_generation).
+GENERATE_ONLY_INPUTS = ("tokenizer", "assistant_tokenizer")
+
+
 def one_cache_argument(cache, past_key_values, output_attentions=None):
     """The state passed as ``cache`` (transformers >= 5.24) or ``past_key_values`` (the older name), not both."""
     if output_attentions:
@@ -1004,6 +1008,10 @@ class RwkvHfForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin
                 f"{CACHE_ARG!r}: pass generate({CACHE_ARG}=...)"
             )
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # generate(tokenizer=...) (stop_strings, transformers serve) leaves the tokenizer among the model inputs, for
+        # models whose forward swallows any keyword; this one names unknown keywords instead, so drop it here
+        for name in GENERATE_ONLY_INPUTS:
+            model_inputs.pop(name, None)
         fed = model_inputs.get("input_ids")
         if fed is None:
             fed = model_inputs.get("inputs_embeds")

@@ -265,3 +265,20 @@ def test_a_cache_cannot_be_cropped(model):
     cache = model(random_ids(1, 3), use_cache=True).cache
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(1)
+
+
+def test_stop_strings_with_the_tokenizer_passed_to_generate(tmp_path):
+    """generate(tokenizer=...) (stop_strings, transformers serve) must not hand the tokenizer to forward."""
+    from model_factory import tiny_world_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_world_folder(tmp_path, seed=5)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer("User: hello\n\nAssistant:", return_tensors="pt")
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    full = model.generate(**prompt, max_new_tokens=12, **kw)[0, prompt["input_ids"].shape[1]:].tolist()
+    stop = tokenizer.decode(full[3:5])
+    stopped = model.generate(**prompt, max_new_tokens=12, stop_strings=[stop], tokenizer=tokenizer, **kw)
+    stopped = stopped[0, prompt["input_ids"].shape[1]:].tolist()
+    assert stopped == full[: len(stopped)] and len(stopped) < len(full)
+    assert tokenizer.decode(stopped).endswith(stop)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="TRL is installed by the README's set-up command (extra 'trl')")
+trl = pytest.importorskip("trl", reason="TRL is installed by the README's set-up command (extra 'integrations')")
 
 from datasets import Dataset  # noqa: E402  (a TRL dependency)
 from model_factory import tiny_world_folder  # noqa: E402
@@ -102,3 +102,21 @@ def test_sft_trainer_without_the_package_uses_the_folders_code(tmp_path, folder,
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".RwkvHfForCausalLM"), out
     assert out["loss"] == out["loss"]  # not NaN
+
+
+def test_assistant_only_loss_trains_on_the_replies_only(tmp_path, folder):
+    """TRL refuses assistant_only_loss without {% generation %} markers and offsets (a fast tokenizer)."""
+    chats = [
+        {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}."}]}
+        for a in range(6) for b in range(4)
+    ]
+    trainer = trl.SFTTrainer(model=str(folder), args=sft_config(tmp_path, assistant_only_loss=True),
+                             train_dataset=Dataset.from_list(chats))
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokenizer = trainer.processing_class
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        trained = [i for i, label in zip(ids, labels) if label != -100]
+        text = tokenizer.decode(trained)
+        assert text.endswith(".\n\n") and "User" not in text and "Assistant" not in text, text
+    history = trainer.train()
+    assert torch.isfinite(torch.tensor(history.training_loss))
