@@ -101,6 +101,11 @@ def group_norm_heads(y: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return norm(y.reshape(B * T, H * N).to(norm.weight.dtype)).view(B, T, H * N)
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 # What generate hands on to the model's inputs without the model needing it (see prepare_inputs_for_generation).
 GENERATE_ONLY_INPUTS = ("tokenizer", "assistant_tokenizer")
 
@@ -742,7 +747,9 @@ class RwkvHfModel(RwkvPreTrainedModel):
                 raise ValueError(
                     f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}"
                 )
-            low, high = int(input_ids.min()), int(input_ids.max())
+            # A host sync, skipped while torch.compile traces (it would break the graph); compiled code checks
+            # the embedding's indices itself.
+            low, high = (0, 0) if _compiling() else (int(input_ids.min()), int(input_ids.max()))
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids contain token id {low if low < 0 else high} outside the vocabulary "
@@ -776,7 +783,8 @@ class RwkvHfModel(RwkvPreTrainedModel):
 
         hidden = self.blocks[0].ln0(inputs_embeds)
         # One forward at a time may advance a cache (a frozen one is copied instead, see _cache_for).
-        with cache.exclusive() if cache is not None else contextlib.nullcontext():
+        # (Not checked while torch.compile traces: a lock cannot be traced; compiled callers own their cache.)
+        with cache.exclusive() if cache is not None and not _compiling() else contextlib.nullcontext():
             hidden, all_hidden = self._run_blocks(hidden, cache, mask, trailing, init_state, output_hidden_states)
         hidden = self.ln_out(hidden)
         if output_hidden_states:
@@ -961,6 +969,15 @@ class RwkvHfForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin
     def get_decoder(self):
         return self.rwkv
 
+    def train(self, mode: bool = True):
+        # The CPU layout is chosen when the model enters eval mode (from_pretrained ends in eval()), not inside a
+        # forward: torch.compile traces the weights' strides, and a forward that changed them afterwards failed
+        # the compiled graph's stride checks.
+        super().train(mode)
+        if not mode:
+            self._cpu_inference_layout()
+        return self
+
     @torch.no_grad()
     def _cpu_inference_layout(self):
         """Once, for CPU inference: store the tall and square matrices column-major (same values, same memory).
@@ -1080,7 +1097,8 @@ class RwkvHfForCausalLM(RwkvPreTrainedModel, GenerationMixin, RwkvChatModelMixin
             cu_seq_lens_k=cu_seq_lens_k,
         )
         hidden = outputs.last_hidden_state
-        self._cpu_inference_layout()
+        if not _compiling():  # a model moved to the CPU after eval(); never while torch.compile traces (see train)
+            self._cpu_inference_layout()
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.head(hidden[:, keep, :])
 

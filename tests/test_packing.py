@@ -5,6 +5,8 @@ transformers' ``DataCollatorWithFlattening`` and TRL's packing / padding-free co
 fell into ``**kwargs`` and the recurrent state leaked from one document into the next.
 """
 
+import copy
+
 import pytest
 import torch
 from model_factory import random_ids, tiny_model
@@ -112,7 +114,7 @@ def test_every_packed_document_starts_from_the_mounted_state():
 def test_trainer_trains_on_a_flattened_batch(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model("7")
+    model = copy.deepcopy(tiny_model("7"))  # trained in place: not on the storage tiny_model shares between tests
     data = [{"input_ids": d.tolist()} for d in documents([6, 9, 4, 7, 5, 8], seed=60)]
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, learning_rate=1e-3,
