@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(sub)
     add_demo_parser(sub)
     sub.add_parser("build-kernels", help="compile the CUDA WKV extension now (ahead of time) into the user cache")
+    export = sub.add_parser("export", help="write a converted folder in another runtime's layout")
+    export.add_argument("folder", help="an rwkv_hf folder (converted or saved)")
+    export.add_argument("output", help="the .pth file (--to official) or the folder (--to rwkv) to write")
+    export.add_argument(
+        "--to", required=True, choices=["official", "rwkv"],
+        help="official: an RWKV-LM .pth (ChatRWKV, the rwkv package); rwkv: transformers' built-in RWKV-4 folder",
+    )
     serve = sub.add_parser(
         "serve",
         help="`transformers serve` (OpenAI-compatible server) with rwkv_hf imported, so that it loads a folder's "
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
         from .demo import main_demo
 
         return main_demo(args)
+    if args.command == "export":
+        return main_export(args)
     if args.command == "serve":
         return main_serve(args.serve_args)
     if args.command == "build-kernels":
@@ -67,6 +76,31 @@ def main(argv=None) -> int:
 
         return build_main([])
     return 1
+
+
+def main_export(args) -> int:
+    import os
+
+    import torch
+
+    from .convert_rwkv_hf import export_official_state_dict
+    from .layouts import LayoutError, export_transformers_rwkv4
+    from .modeling_rwkv_hf import RwkvForCausalLM
+
+    if os.path.exists(args.output):
+        print(f"rwkv-hf export: error: {args.output} exists; pick a new path (nothing was written)", file=sys.stderr)
+        return 2
+    try:
+        model = RwkvForCausalLM.from_pretrained(args.folder)
+        if args.to == "official":
+            torch.save(export_official_state_dict(model), args.output)
+        else:
+            export_transformers_rwkv4(model, args.output)
+    except (LayoutError, ValueError, OSError) as err:
+        print(f"rwkv-hf export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0
 
 
 def main_serve(serve_args) -> int:

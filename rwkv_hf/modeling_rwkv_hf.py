@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -500,6 +501,25 @@ class RwkvBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_layout(folder: str) -> None:
+    """A folder of another library's RWKV (transformers' built-in RWKV-4, ...) is named and refused: loaded as this
+    model it would get random weights for every name that differs."""
+    config_file = os.path.join(folder, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports a missing or broken config itself
+    if model_type not in (None, RwkvConfig.model_type):
+        hint = (
+            "transformers' built-in RWKV-4 layout: convert it with `rwkv-hf convert FOLDER OUT`, or load it with "
+            "transformers' own RwkvForCausalLM"
+            if model_type == "rwkv"
+            else "convert it to this package's layout first (rwkv-hf convert)"
+        )
+        raise ValueError(f"{folder} holds a model of type {model_type!r}, not {RwkvConfig.model_type!r}: {hint}")
+
+
 def _check_weight_dtypes(folder: str) -> None:
     """Every tensor in a folder's safetensors files is floating point: transformers would cast an integer tensor
     (a corrupt or tampered file) to the parameter dtype without a word. Reads the headers only."""
@@ -507,8 +527,6 @@ def _check_weight_dtypes(folder: str) -> None:
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):  # sharded: the files the index names, not whatever else the folder holds
-        import json
-
         with open(index, encoding="utf-8") as f:
             names = sorted(set(json.load(f).get("weight_map", {}).values()))
     else:
@@ -555,6 +573,7 @@ class RwkvPreTrainedModel(PreTrainedModel):
         wants_info = kwargs.pop("output_loading_info", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if path is not None and os.path.isdir(str(path)):
+            _check_layout(str(path))
             _check_weight_dtypes(str(path))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

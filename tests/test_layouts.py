@@ -1,0 +1,144 @@
+"""Other libraries' RWKV folders: transformers' built-in RWKV-4 (``model_type="rwkv"``).
+
+The checkpoint is built and run with transformers' own RWKV-4 class (the peer), converted with ``rwkv-hf convert``,
+and the logits compared in one call and token by token; the way back (export) loads in transformers' class again.
+"""
+
+import json
+
+import pytest
+import torch
+from model_factory import random_ids
+from transformers import AutoModelForCausalLM
+from transformers import RwkvConfig as TransformersRwkvConfig
+from transformers import RwkvForCausalLM as TransformersRwkvForCausalLM
+
+from rwkv_hf import RwkvForCausalLM, convert_rwkv_checkpoint
+from rwkv_hf.cli import main as cli_main
+from rwkv_hf.layouts import LayoutError, export_transformers_rwkv4
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def peer_folder(tmp_path_factory):
+    """A random transformers RWKV-4 (every parameter drawn, not the library's init), saved in its own layout."""
+    torch.manual_seed(0)
+    config = TransformersRwkvConfig(vocab_size=300, context_length=64, hidden_size=64, num_hidden_layers=3,
+                                    attention_hidden_size=64, intermediate_size=192, tie_word_embeddings=False)
+    model = TransformersRwkvForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "time_decay" in name:
+                p.copy_(torch.randn_like(p) * 0.5 - 1)
+            elif "time_mix" in name:
+                p.copy_(torch.rand_like(p))
+            elif "ln" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("peer") / "rwkv4-transformers"
+    model.save_pretrained(path)
+    return path
+
+
+def peer(folder):
+    return TransformersRwkvForCausalLM.from_pretrained(folder).eval()
+
+
+def test_converted_model_gives_the_peers_logits_in_one_call_and_token_by_token(peer_folder, tmp_path):
+    ours = convert_rwkv_checkpoint(peer_folder, tmp_path / "ours", tokenizer="none", progress=False)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["rwkv_version"] == "4"
+    theirs = peer(peer_folder)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=ATOL, rtol=0)
+        # token by token on one row: transformers' RWKV-4 returns [B, B, V] logits for a batch of single tokens
+        ids, state, cache = ids[:1], None, None
+        for t in range(ids.shape[1]):
+            out_theirs = theirs(ids[:, t : t + 1], state=state, use_cache=True)
+            state = out_theirs.state
+            out_ours = ours(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out_ours.cache
+            torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=ATOL, rtol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert isinstance(reloaded, RwkvForCausalLM)
+
+
+def test_the_cli_converts_a_folder(peer_folder, tmp_path):
+    assert cli_main(["convert", str(peer_folder), str(tmp_path / "cli"), "--tokenizer", "none"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+def test_export_back_to_the_transformers_layout_is_exact(peer_folder, tmp_path):
+    ours = convert_rwkv_checkpoint(peer_folder, tmp_path / "ours", tokenizer="none", progress=False)
+    export_transformers_rwkv4(ours, tmp_path / "back")
+    original, back = peer(peer_folder), peer(tmp_path / "back")
+    for (name, a), (name_b, b) in zip(sorted(original.state_dict().items()), sorted(back.state_dict().items())):
+        assert name == name_b and torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_loading_the_peers_folder_as_this_model_is_refused_naming_the_layout(peer_folder):
+    with pytest.raises(ValueError, match="model of type 'rwkv', not 'rwkv_hf': transformers' built-in RWKV-4 layout"):
+        RwkvForCausalLM.from_pretrained(peer_folder)
+
+
+def test_an_unknown_layout_is_named(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text(json.dumps({"model_type": "rwkv7"}))
+    with pytest.raises(LayoutError, match=r"model_type 'rwkv7' \(transformers' / flash-linear-attention's RWKV-7\) cannot be converted yet"):
+        convert_rwkv_checkpoint(tmp_path / "x", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused(peer_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(peer_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayoutError, match="num_hidden_layers=5 but the weights hold 3 blocks"):
+        convert_rwkv_checkpoint(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_foreign_weight_in_the_folder_is_refused(peer_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mixed"
+    import shutil
+
+    shutil.copytree(peer_folder, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.mlp.weight"] = torch.zeros(2, 2)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(LayoutError, match=r"1 unexpected weight\(s\), e.g. \['model.layers.0.mlp.weight'\]"):
+        convert_rwkv_checkpoint(folder, tmp_path / "out", progress=False)
+
+
+def test_the_cli_exports_both_ways_and_refuses_a_v7_model_for_the_rwkv4_layout(peer_folder, tmp_path, capsys):
+    from model_factory import tiny_model
+
+    from rwkv_hf.convert_rwkv_hf import load_official_checkpoint
+
+    convert_rwkv_checkpoint(peer_folder, tmp_path / "ours", tokenizer="none", progress=False)
+    assert cli_main(["export", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "rwkv"]) == 0
+    assert isinstance(peer(tmp_path / "back"), TransformersRwkvForCausalLM)
+    assert cli_main(["export", str(tmp_path / "ours"), str(tmp_path / "m.pth"), "--to", "official"]) == 0
+    again = convert_rwkv_checkpoint(load_official_checkpoint(tmp_path / "m.pth"), tmp_path / "again", progress=False,
+                                    tokenizer="none")
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, peer(peer_folder)(ids).logits, atol=ATOL, rtol=0)
+    tiny_model("7").save_pretrained(tmp_path / "v7")
+    assert cli_main(["export", str(tmp_path / "v7"), str(tmp_path / "v7-back"), "--to", "rwkv"]) == 2
+    assert "RWKV-4 only; this model is RWKV-7" in capsys.readouterr().err
+    assert not (tmp_path / "v7-back").exists()
+    assert cli_main(["export", str(tmp_path / "ours"), str(tmp_path / "m.pth"), "--to", "official"]) == 2  # exists
