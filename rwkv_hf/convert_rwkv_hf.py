@@ -477,7 +477,7 @@ def convert_rwkv_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ):
-    """Convert an official ``.pth`` (or its state dict, or a transformers built-in RWKV-4 folder) into
+    """Convert an official ``.pth`` (or its state dict, or another library's folder: see ``layouts.py``) into
     ``output_dir`` and return the loaded model.
 
     Args:
@@ -531,12 +531,9 @@ def _convert_in_memory(checkpoint, dtype, tokenizer_choice: str, progress: bool)
     if isinstance(checkpoint, dict):
         source, state_dict = "state dict", validate_tensor_dict(checkpoint)
     elif Path(checkpoint).is_dir():  # another library's model folder (see layouts.py)
-        from .layouts import LayoutError, detect_folder_layout, read_transformers_rwkv4
+        from .layouts import read_folder
 
-        layout = detect_folder_layout(Path(checkpoint))
-        if layout == "rwkv_hf":
-            raise LayoutError(f"{checkpoint} is already an rwkv_hf folder: load it with from_pretrained")
-        source, state_dict = str(checkpoint), validate_tensor_dict(read_transformers_rwkv4(Path(checkpoint)), str(checkpoint))
+        source, state_dict = str(checkpoint), validate_tensor_dict(read_folder(Path(checkpoint)), str(checkpoint))
     else:
         source, state_dict = str(checkpoint), load_official_checkpoint(checkpoint)
     weights, init_states = split_init_state(state_dict)

@@ -1,9 +1,16 @@
 """Other libraries' RWKV folders, read into the official RWKV-LM key layout that the converter takes.
 
-Supported so far: transformers' built-in RWKV-4 (``model_type="rwkv"``, ``RwkvForCausalLM``, the
-``RWKV/rwkv-4-*-pile`` and Raven repos). Its weights are the official ones under other names, unscaled and in the
-same shapes, so the mapping is a renaming (``RWKV4_NAMES``, one table read both ways); ``export_transformers_rwkv4`` is the
-way back. Any other folder is refused naming what was found.
+Supported so far:
+
+* transformers' built-in RWKV-4 (``model_type="rwkv"``, ``RwkvForCausalLM``, the ``RWKV/rwkv-4-*-pile`` and Raven
+  repos): the official weights under other names, unscaled and in the same shapes, so the mapping is a renaming
+  (``RWKV4_NAMES``, one table read both ways); ``export_transformers_rwkv4`` is the way back.
+* RWKV-7 in flash-linear-attention's names (``model_type="rwkv7"``; the ``rwkv7-hf`` package's folders use them
+  too): a renaming plus the LoRA matrices transposed (``FLA_RWKV7_NAMES``). The weights are the official ones;
+  the numbers of a converted folder are RWKV-LM's (rwkv7-hf's own ``ln_x`` epsilon differs at head sizes other
+  than 64).
+
+Any other folder is refused naming what was found.
 """
 
 from __future__ import annotations
@@ -34,19 +41,50 @@ RWKV4_NAMES: Tuple[Tuple[str, str], ...] = (
 )
 
 
+# flash-linear-attention's RWKV-7 names, which the ``rwkv7-hf`` package (PyPI) uses too. The third field marks
+# the LoRA matrices, stored transposed there (nn.Linear [out, in]) and as [in, out] in RWKV-LM ({x}: w, a, v, g).
+FLA_RWKV7_NAMES: Tuple[Tuple[str, str, bool], ...] = (
+    ("emb.weight", "model.embeddings.weight", False),
+    ("ln_out.{p}", "model.norm.{p}", False),
+    ("head.weight", "lm_head.weight", False),
+    ("blocks.0.ln0.{p}", "model.layers.0.pre_norm.{p}", False),
+    ("blocks.{i}.ln1.{p}", "model.layers.{i}.attn_norm.{p}", False),
+    ("blocks.{i}.ln2.{p}", "model.layers.{i}.ffn_norm.{p}", False),
+    ("blocks.{i}.att.receptance.weight", "model.layers.{i}.attn.r_proj.weight", False),
+    ("blocks.{i}.att.key.weight", "model.layers.{i}.attn.k_proj.weight", False),
+    ("blocks.{i}.att.value.weight", "model.layers.{i}.attn.v_proj.weight", False),
+    ("blocks.{i}.att.output.weight", "model.layers.{i}.attn.o_proj.weight", False),
+    ("blocks.{i}.att.ln_x.{p}", "model.layers.{i}.attn.g_norm.{p}", False),
+    ("blocks.{i}.att.{x}0", "model.layers.{i}.attn.{x}_lora.lora.2.bias", False),
+    ("blocks.{i}.att.{x}1", "model.layers.{i}.attn.{x}_lora.lora.0.weight", True),
+    ("blocks.{i}.att.{x}2", "model.layers.{i}.attn.{x}_lora.lora.2.weight", True),
+    ("blocks.{i}.att.{p}", "model.layers.{i}.attn.{p}", False),  # x_r ... x_g, k_k, k_a, r_k
+    ("blocks.{i}.ffn.{p}", "model.layers.{i}.ffn.{p}", False),
+)
+
+
 def _template_regex(template: str) -> "re.Pattern":
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[A-Za-z_][\w.]*)")
+    pattern = re.escape(template)
+    for name, group in (("i", r"\d+"), ("x", "[wavg]"), ("p", r"[A-Za-z_][\w.]*")):
+        pattern = pattern.replace(r"\{" + name + r"\}", f"(?P<{name}>{group})")
     return re.compile(pattern)
+
+
+def _rename(table, key: str, to_official: bool):
+    """``(name, transposed)`` of ``key`` in the other naming of ``table``, or None if no rule covers it."""
+    for entry in table:
+        official, theirs = entry[0], entry[1]
+        source, target = (theirs, official) if to_official else (official, theirs)
+        match = _template_regex(source).fullmatch(key)
+        if match:
+            return target.format(**match.groupdict()), (entry[2] if len(entry) > 2 else False)
+    return None
 
 
 def rename_rwkv4_key(key: str, to_official: bool) -> "str | None":
     """``key`` in the other naming (official <-> transformers' RWKV-4), or None if no rule covers it."""
-    for official, theirs in RWKV4_NAMES:
-        source, target = (theirs, official) if to_official else (official, theirs)
-        match = _template_regex(source).fullmatch(key)
-        if match:
-            return target.format(**match.groupdict())
-    return None
+    found = _rename(RWKV4_NAMES, key, to_official)
+    return found[0] if found else None
 
 
 KNOWN_ELSEWHERE = {
@@ -74,28 +112,101 @@ def detect_folder_layout(folder: Path) -> str:
         return "rwkv_hf"
     if model_type == "rwkv":
         return "transformers-rwkv4"
+    if model_type == "rwkv7" and FLA_RWKV7_MARKER in _weight_names(folder):
+        return "fla-rwkv7"
     where = KNOWN_ELSEWHERE.get(model_type, "not an RWKV layout this package knows")
     raise LayoutError(
         f"{folder}: model_type {model_type!r} ({where}) cannot be converted yet; readable layouts: an RWKV-LM .pth "
-        "file, transformers' built-in RWKV-4 folder (model_type 'rwkv')"
+        "file, transformers' built-in RWKV-4 folder (model_type 'rwkv'), flash-linear-attention / rwkv7-hf RWKV-7 "
+        f"folders (model_type 'rwkv7' with weights named like {FLA_RWKV7_MARKER!r})"
     )
+
+
+FLA_RWKV7_MARKER = "model.layers.0.attn.w_lora.lora.0.weight"
+
+
+def _weight_files(folder: Path):
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def _weight_names(folder: Path) -> set:
+    from safetensors import safe_open
+
+    names = set()
+    for path in _weight_files(folder):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                names.update(f.keys())
+    return names
+
+
+def _read_weights(folder: Path, layout: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = _weight_files(folder)
+    if not files:
+        raise LayoutError(f"{folder}: {layout} folder without weights (no *.safetensors or pytorch_model*.bin)")
+    weights: Dict[str, torch.Tensor] = {}
+    for path in files:
+        part = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        weights.update(part)
+    return weights
+
+
+def read_folder(folder: Path) -> Dict[str, torch.Tensor]:
+    """The official RWKV-LM state dict of another library's folder (see ``detect_folder_layout``)."""
+    layout = detect_folder_layout(folder)
+    if layout == "rwkv_hf":
+        raise LayoutError(f"{folder} is already an rwkv_hf folder: load it with from_pretrained")
+    if layout == "transformers-rwkv4":
+        return read_transformers_rwkv4(folder)
+    return read_fla_rwkv7(folder)
+
+
+def read_fla_rwkv7(folder: Path) -> Dict[str, torch.Tensor]:
+    """flash-linear-attention / rwkv7-hf RWKV-7 weights renamed to RWKV-LM's, the LoRA matrices transposed back."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    official, unknown = {}, []
+    for key, tensor in _read_weights(folder, "RWKV-7 (flash-linear-attention layout)").items():
+        found = _rename(FLA_RWKV7_NAMES, key, to_official=True)
+        if found is None:
+            unknown.append(key)
+            continue
+        name, transposed = found
+        official[name] = tensor.t().contiguous() if transposed else tensor
+    if unknown:
+        raise LayoutError(
+            f"{folder}: RWKV-7 in the flash-linear-attention layout with {len(unknown)} unexpected weight(s), e.g. "
+            f"{sorted(unknown)[:3]}: a mixed or foreign layout"
+        )
+    _check_config_against(folder, config, official, {
+        "vocab_size": ("emb.weight", 0),
+        "hidden_size": ("emb.weight", 1),
+        "intermediate_size": ("blocks.0.ffn.key.weight", 0),
+    })
+    return official
+
+
+def _check_config_against(folder: Path, config: dict, official: Dict[str, torch.Tensor], checks: dict) -> None:
+    for name, (key, dim) in checks.items():
+        value = config.get(name)
+        if value is not None and key in official and official[key].shape[dim] != value:
+            raise LayoutError(
+                f"{folder}: config.json says {name}={value} but {key} has shape {tuple(official[key].shape)}: the "
+                "config disagrees with the weights"
+            )
+    layers = config.get("num_hidden_layers")
+    found = len({k.split(".")[1] for k in official if k.startswith("blocks.")})
+    if layers is not None and layers != found:
+        raise LayoutError(f"{folder}: config.json says num_hidden_layers={layers} but the weights hold {found} blocks")
 
 
 def read_transformers_rwkv4(folder: Path) -> Dict[str, torch.Tensor]:
     """The official state dict of a transformers RWKV-4 folder (safetensors, or weights_only .bin), checked:
     every key mapped, the config's sizes equal to the weights'."""
-    from safetensors.torch import load_file
-
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise LayoutError(f"{folder}: transformers RWKV-4 folder without weights (no *.safetensors or pytorch_model*.bin)")
-    weights: Dict[str, torch.Tensor] = {}
-    for path in files:
-        part = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-        weights.update(part)
     official, unknown = {}, []
-    for key, tensor in weights.items():
+    for key, tensor in _read_weights(folder, "transformers RWKV-4").items():
         name = rename_rwkv4_key(key, to_official=True)
         if name is None:
             unknown.append(key)
@@ -108,23 +219,12 @@ def read_transformers_rwkv4(folder: Path) -> Dict[str, torch.Tensor]:
         )
     if "head.weight" not in official and config.get("tie_word_embeddings"):
         official["head.weight"] = official.get("emb.weight")
-    checks = {
+    _check_config_against(folder, config, official, {
         "vocab_size": ("emb.weight", 0),
         "hidden_size": ("emb.weight", 1),
         "intermediate_size": ("blocks.0.ffn.key.weight", 0),
         "attention_hidden_size": ("blocks.0.att.key.weight", 0),
-    }
-    for name, (key, dim) in checks.items():
-        value = config.get(name)
-        if value is not None and key in official and official[key].shape[dim] != value:
-            raise LayoutError(
-                f"{folder}: config.json says {name}={value} but {key} has shape {tuple(official[key].shape)}: the "
-                "config disagrees with the weights"
-            )
-    layers = config.get("num_hidden_layers")
-    found = len({k.split(".")[1] for k in official if k.startswith("blocks.")})
-    if layers is not None and layers != found:
-        raise LayoutError(f"{folder}: config.json says num_hidden_layers={layers} but the weights hold {found} blocks")
+    })
     return official
 
 

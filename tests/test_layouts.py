@@ -15,6 +15,7 @@ from transformers import RwkvForCausalLM as TransformersRwkvForCausalLM
 
 from rwkv_hf import RwkvForCausalLM, convert_rwkv_checkpoint
 from rwkv_hf.cli import main as cli_main
+from rwkv_hf.convert_rwkv_hf import CheckpointError
 from rwkv_hf.layouts import LayoutError, export_transformers_rwkv4
 
 ATOL = 1e-4
@@ -142,3 +143,67 @@ def test_the_cli_exports_both_ways_and_refuses_a_v7_model_for_the_rwkv4_layout(p
     assert "RWKV-4 only; this model is RWKV-7" in capsys.readouterr().err
     assert not (tmp_path / "v7-back").exists()
     assert cli_main(["export", str(tmp_path / "ours"), str(tmp_path / "m.pth"), "--to", "official"]) == 2  # exists
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RWKV-7 in flash-linear-attention's names, as the rwkv7-hf package (PyPI, pure PyTorch) writes and runs it
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rwkv7_hf_case(tmp_path_factory):
+    converter = pytest.importorskip("rwkv7_hf.converter", reason="rwkv7-hf is in the 'integrations' extra")
+    from rwkv_checkpoints import make_official_checkpoint
+
+    root = tmp_path_factory.mktemp("rwkv7hf")
+    # head size 64, as every released RWKV-7: rwkv7-hf's ln_x epsilon is head_dim * 1e-5 where RWKV-LM's is a fixed
+    # 64e-5, so at other head sizes it differs from the official package (by up to 1.1 in the logits at 16)
+    official = make_official_checkpoint("7", n_layer=3, n_embd=128, head_size=64, vocab_size=300, seed=11)
+    torch.save(official, root / "model.pth")
+    converter.convert(converter.parse_args(["--input", str(root / "model.pth"), "--output", str(root / "theirs"),
+                                            "--precision", "fp32"]))
+    return official, root
+
+
+@pytest.mark.peer_code
+def test_rwkv7_hf_folder_gives_the_peers_logits_and_round_trips_exactly(rwkv7_hf_case, tmp_path):
+    from rwkv7_hf.modeling_rwkv7 import RWKV7ForCausalLM
+
+    from rwkv_hf.convert_rwkv_hf import export_official_state_dict
+
+    official, root = rwkv7_hf_case
+    theirs = RWKV7ForCausalLM.from_pretrained(root / "theirs").eval()
+    ours = convert_rwkv_checkpoint(root / "theirs", tmp_path / "ours", tokenizer="none", progress=False)
+    ids = random_ids(2, 10, seed=4)
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, atol=ATOL, rtol=0)
+        cache = None  # token by token against the peer's one-call logits at each position
+        for t in range(ids.shape[1]):
+            out = ours(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            torch.testing.assert_close(out.logits[:, 0], expected[:, t], atol=ATOL, rtol=0)
+    # official -> rwkv7-hf -> ours -> official: every tensor bit for bit, except layer 0's value-residual LoRA,
+    # which RWKV-LM saves but never uses (rwkv7-hf drops it, the official loader empties it, the export writes zeros)
+    back = export_official_state_dict(ours)
+    assert set(back) == set(official)
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    for key, tensor in official.items():
+        if key not in unused:
+            assert torch.equal(back[key].reshape(tensor.shape), tensor), key
+
+
+def test_rwkv7_hf_folder_with_a_foreign_weight_is_refused(rwkv7_hf_case, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, root = rwkv7_hf_case
+    folder = tmp_path / "mixed"
+    shutil.copytree(root / "theirs", folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.attn.x_x"] = torch.zeros(6, 128)  # a fused mixing tensor this mapping does not know
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"Unexpected keys \(1\): \['blocks.0.att.x_x'\]"):
+        convert_rwkv_checkpoint(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
