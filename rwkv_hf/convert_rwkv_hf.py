@@ -506,6 +506,13 @@ def convert_rwkv_checkpoint(
     return model
 
 
+def model_from_folder(folder, dtype=None):
+    """Another library's folder (see ``layouts.py``) as this package's model, in memory: what
+    ``RwkvForCausalLM.from_pretrained`` returns for such a folder. ``dtype``: as in ``convert_rwkv_checkpoint``."""
+    model, _, _ = _convert_in_memory(Path(folder), _parse_dtype(None if dtype == "auto" else dtype), "none", False)
+    return model
+
+
 def _parse_dtype(dtype) -> Optional[torch.dtype]:
     if dtype is None:
         return None

@@ -501,23 +501,35 @@ class RwkvBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_layout(folder: str) -> None:
-    """A folder of another library's RWKV (transformers' built-in RWKV-4, ...) is named and refused: loaded as this
-    model it would get random weights for every name that differs."""
-    config_file = os.path.join(folder, "config.json")
+def _foreign_model_type(folder: str) -> Optional[str]:
+    """The model_type of a folder of another library's model (transformers' RWKV-4, an RWKV-7 in
+    flash-linear-attention's names, ...), None for ours or for no readable config (transformers reports that)."""
     try:
-        with open(config_file, encoding="utf-8") as f:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return  # transformers reports a missing or broken config itself
-    if model_type not in (None, RwkvConfig.model_type):
-        hint = (
-            "transformers' built-in RWKV-4 layout: convert it with `rwkv-hf convert FOLDER OUT`, or load it with "
-            "transformers' own RwkvForCausalLM"
-            if model_type == "rwkv"
-            else "convert it to this package's layout first (rwkv-hf convert)"
+        return None
+    return model_type if model_type not in (None, RwkvConfig.model_type) else None
+
+
+def _from_foreign_layout(cls, folder: str, model_type: str, kwargs: dict):
+    """Another library's folder, loaded by renaming its weights to RWKV-LM's and building this model on them (the
+    converter's path, in memory). Loaded as this model directly, every differently named weight would be random."""
+    try:
+        from .convert_rwkv_hf import model_from_folder
+    except ImportError:  # the remote-code copy of this file travels without the converter
+        raise ValueError(
+            f"{folder} holds a model of type {model_type!r}, not {RwkvConfig.model_type!r}: convert it with "
+            "`rwkv-hf convert FOLDER OUT` (pip install rwkv_hf)"
+        ) from None
+    unsupported = sorted(k for k in kwargs if k not in ("dtype", "torch_dtype", "trust_remote_code"))
+    if unsupported:
+        raise ValueError(
+            f"{folder} is a {model_type!r} folder, read by renaming its weights; only dtype applies there, not "
+            f"{unsupported}: convert it once (`rwkv-hf convert FOLDER OUT`) and load the result with these"
         )
-        raise ValueError(f"{folder} holds a model of type {model_type!r}, not {RwkvConfig.model_type!r}: {hint}")
+    model = model_from_folder(folder, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
+    return model if isinstance(model, cls) else model.rwkv
 
 
 def _check_weight_dtypes(folder: str) -> None:
@@ -573,7 +585,11 @@ class RwkvPreTrainedModel(PreTrainedModel):
         wants_info = kwargs.pop("output_loading_info", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if path is not None and os.path.isdir(str(path)):
-            _check_layout(str(path))
+            foreign = _foreign_model_type(str(path))
+            if foreign is not None:
+                rest = {k: v for k, v in kwargs.items() if k != "pretrained_model_name_or_path"}
+                model = _from_foreign_layout(cls, str(path), foreign, rest)
+                return (model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}) if wants_info else model
             _check_weight_dtypes(str(path))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

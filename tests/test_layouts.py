@@ -84,9 +84,21 @@ def test_export_back_to_the_transformers_layout_is_exact(peer_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_loading_the_peers_folder_as_this_model_is_refused_naming_the_layout(peer_folder):
-    with pytest.raises(ValueError, match="model of type 'rwkv', not 'rwkv_hf': transformers' built-in RWKV-4 layout"):
-        RwkvForCausalLM.from_pretrained(peer_folder)
+def test_from_pretrained_reads_the_peers_folder_directly(peer_folder):
+    from rwkv_hf import RwkvModel
+
+    model = RwkvForCausalLM.from_pretrained(peer_folder)
+    base = RwkvModel.from_pretrained(peer_folder, dtype=torch.bfloat16)
+    assert isinstance(model, RwkvForCausalLM) and isinstance(base, RwkvModel)
+    assert base.emb.weight.dtype == torch.bfloat16
+    ids = random_ids(1, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, peer(peer_folder)(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_of_a_peers_folder_refuses_options_it_cannot_apply(peer_folder):
+    with pytest.raises(ValueError, match=r"only dtype applies there, not \['device_map'\]: convert it once"):
+        RwkvForCausalLM.from_pretrained(peer_folder, device_map="cpu")
 
 
 def test_an_unknown_layout_is_named(tmp_path):
@@ -183,6 +195,9 @@ def test_rwkv7_hf_folder_gives_the_peers_logits_and_round_trips_exactly(rwkv7_hf
             out = ours(ids[:, t : t + 1], cache=cache, use_cache=True)
             cache = out.cache
             torch.testing.assert_close(out.logits[:, 0], expected[:, t], atol=ATOL, rtol=0)
+    direct = RwkvForCausalLM.from_pretrained(root / "theirs")  # the same renaming, in memory
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, ours(ids).logits)
     # official -> rwkv7-hf -> ours -> official: every tensor bit for bit, except layer 0's value-residual LoRA,
     # which RWKV-LM saves but never uses (rwkv7-hf drops it, the official loader empties it, the export writes zeros)
     back = export_official_state_dict(ours)
