@@ -97,3 +97,17 @@ def test_chat_completions_answer_as_generate_does(server, folder, stream):
         assert answer.strip() == expected.strip(), (question, answer, expected)
     assert "Paris" in post(server, {"model": str(folder), "temperature": 0, "max_tokens": 24,
                                     "messages": [{"role": "user", "content": QUESTIONS[0]}]})["choices"][0]["message"]["content"]
+
+
+def test_transformers_chat_talks_to_it(server, folder):
+    """`transformers chat` (the terminal client) against the server, one question on its stdin."""
+    import shutil
+
+    chat = shutil.which("transformers", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if chat is None:
+        pytest.skip("the transformers command is not installed next to this interpreter")
+    result = subprocess.run(
+        [chat, "chat", str(folder), server, "do_sample=False", "max_new_tokens=20"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=120,
+    )
+    assert "Paris" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])

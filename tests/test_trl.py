@@ -120,3 +120,23 @@ def test_assistant_only_loss_trains_on_the_replies_only(tmp_path, folder):
         assert text.endswith(".\n\n") and "User" not in text and "Assistant" not in text, text
     history = trainer.train()
     assert torch.isfinite(torch.tensor(history.training_loss))
+
+
+def test_a_lora_adapter_trained_from_the_folder_path_fits_the_model(tmp_path, folder):
+    """The adapter TRL saves must load on this package's model of the folder and give the trained logits (when TRL
+    resolved the name to transformers' RWKV-4, the adapter belonged to a random model)."""
+    from peft import LoraConfig, PeftModel
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["key", "value", "receptance"], task_type="CAUSAL_LM")
+    # bf16=False: TRL's default bf16 wraps the trained model's forward in autocast, which a reload would not have
+    trainer = trl.SFTTrainer(model=str(folder), args=sft_config(tmp_path, bf16=False), peft_config=lora,
+                             train_dataset=Dataset.from_list([{"text": t} for t in TEXTS]))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        trained = trainer.model.eval()(ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(tmp_path / "adapter"))
+        torch.testing.assert_close(reloaded.eval()(ids).logits, trained, atol=1e-5, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+    assert (trained - base).abs().max() > 1e-4  # the adapter changed something
