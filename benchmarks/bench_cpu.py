@@ -9,7 +9,7 @@ implementation, in one run on the same weights:
 The official package runs in its own process (RWKV-7 needs RWKV_V7_ON set before import). Ratios are
 "this package vs the other": > 1 means rwkv_hf is faster.
 
-    python benchmarks/bench_cpu.py [--models v7,v4] [--threads 2] [--prefill 512] [--decode 50] [--repeats 3]
+    python benchmarks/bench_cpu.py [--models v7,v4] [--threads 2] [--prefill 512] [--decode 50] [--repeats 3] [--compile]
 """
 
 from __future__ import annotations
@@ -55,19 +55,25 @@ def timed(fn, repeats: int):
     return min(times), statistics.median(times)
 
 
-def bench_ours(model, prompt, decode_tokens, repeats):
+def bench_ours(model, prompt, decode_tokens, repeats, compiled=False):
+    """``compiled``: the same calls through ``torch.compile(model)`` (compiled during the warm-up, not timed)."""
+    run = torch.compile(model) if compiled else model
     with torch.inference_mode():
         model(prompt[:, :16], logits_to_keep=1)  # warm-up
 
         def prefill():
-            model(prompt, logits_to_keep=1, use_cache=True)
+            run(prompt, logits_to_keep=1, use_cache=True)
 
         def decode():
             cache = model(prompt[:, :8], use_cache=True, logits_to_keep=1).cache
             token = prompt[:, 8:9]
             for _ in range(decode_tokens):
-                out = model(token, cache=cache, use_cache=True)
+                out = run(token, cache=cache, use_cache=True)
                 cache = out.cache
+
+        if compiled:  # compile both shapes before timing
+            prefill()
+            decode()
 
         p_best, p_med = timed(prefill, repeats)
         d_best, d_med = timed(decode, repeats)
@@ -169,6 +175,7 @@ def main():
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time rwkv_hf through torch.compile(model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -180,6 +187,8 @@ def main():
         params = sum(p.numel() for p in model.parameters()) / 1e6
         prompt = torch.randint(1, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(0))
         results = {"rwkv_hf": bench_ours(model, prompt, args.decode, args.repeats)}
+        if args.compile:
+            results["rwkv_hf + torch.compile"] = bench_ours(model, prompt, args.decode, args.repeats, compiled=True)
         official = bench_official(model, name, prompt, args.decode, args.repeats, args.threads)
         if official:
             results["official rwkv 0.8.32"] = official

@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, LinearAttentionLayer
 
 TIME_SHIFT, CHANNEL_SHIFT = 0, 1
+_LOCK_CREATION = threading.Lock()  # so that two threads starting on one new cache get the same lock
 WKV = 0
 
 
@@ -36,7 +37,7 @@ class RwkvCache(Cache):
         self.rwkv_version = config.rwkv_version
         self.seen_tokens = 0
         self.frozen = False
-        self._busy = threading.Lock()
+        self._busy = None  # made on first use: a lock made here would break a torch.compile graph (see exclusive)
 
     # --- one forward at a time ------------------------------------------------------------------------------
 
@@ -45,6 +46,9 @@ class RwkvCache(Cache):
         """Held by a forward while it advances this cache. Two threads advancing one cache would leave a state
         that matches neither order, so the second is refused; to share a state between threads, ``freeze()`` it
         (each forward then advances a private copy) or give each thread a ``clone()``."""
+        with _LOCK_CREATION:
+            if self._busy is None:
+                self._busy = threading.Lock()
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "This RwkvCache is being advanced by another forward (another thread?). Give each thread its own "
@@ -62,7 +66,7 @@ class RwkvCache(Cache):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._busy = threading.Lock()
+        self._busy = None
 
     # --- what generate needs ------------------------------------------------------------------------------
 

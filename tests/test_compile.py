@@ -54,7 +54,7 @@ def test_fullgraph_forward_and_decode_step(folder):
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, expected_logits, atol=2e-5, rtol=0)
-        out = model(ids, use_cache=True)  # prefill eagerly, then compiled single-token steps on the same cache
+        out = compiled(ids, use_cache=True)  # the prefill makes its cache inside the graph
         tokens, cache = [], out.cache
         for _ in range(4):
             token = out.logits[:, -1:].argmax(-1)
