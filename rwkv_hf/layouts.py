@@ -4,7 +4,8 @@ Supported so far:
 
 * transformers' built-in RWKV-4 (``model_type="rwkv"``, ``RwkvForCausalLM``, the ``RWKV/rwkv-4-*-pile`` and Raven
   repos): the official weights under other names, unscaled and in the same shapes, so the mapping is a renaming
-  (``RWKV4_NAMES``, one table read both ways); ``export_transformers_rwkv4`` is the way back.
+  (``HF_RWKV_NAMES``, one table read both ways); ``export_transformers_rwkv4`` is the way back. The RWKV org's
+  remote-code RWKV-5/6 repos (``model_type="rwkv5"/"rwkv6"``) were converted with the same renaming.
 * RWKV-7 in flash-linear-attention's names (``model_type="rwkv7"``; the ``rwkv7-hf`` package's folders use them
   too): a renaming plus the LoRA matrices transposed (``FLA_RWKV7_NAMES``). The weights are the official ones;
   the numbers of a converted folder are RWKV-LM's (rwkv7-hf's own ``ln_x`` epsilon differs at head sizes other
@@ -24,7 +25,10 @@ import torch
 
 # One table both ways: official name <-> transformers' RWKV-4 name ({i}: layer, {p}: parameter, e.g. "key.weight");
 # the first entry that matches wins.
-RWKV4_NAMES: Tuple[Tuple[str, str], ...] = (
+# Written after transformers' RWKV-4 class and the RWKV-5 conversion script (convert_rwkv5_checkpoint_to_hf.py),
+# which the RWKV org's remote-code RWKV-5/6 repos (model_type "rwkv5"/"rwkv6") were made with: the same names, plus
+# time_mix_g -> time_mix_gate; RWKV-6's time_maa_* and the LoRA matrices keep their RWKV-LM names.
+HF_RWKV_NAMES: Tuple[Tuple[str, str], ...] = (
     ("emb.weight", "rwkv.embeddings.weight"),
     ("blocks.0.ln0.{p}", "rwkv.blocks.0.pre_ln.{p}"),
     ("blocks.{i}.ln1.{p}", "rwkv.blocks.{i}.ln1.{p}"),
@@ -32,6 +36,7 @@ RWKV4_NAMES: Tuple[Tuple[str, str], ...] = (
     ("blocks.{i}.att.time_mix_k", "rwkv.blocks.{i}.attention.time_mix_key"),  # specific names before {p}
     ("blocks.{i}.att.time_mix_v", "rwkv.blocks.{i}.attention.time_mix_value"),
     ("blocks.{i}.att.time_mix_r", "rwkv.blocks.{i}.attention.time_mix_receptance"),
+    ("blocks.{i}.att.time_mix_g", "rwkv.blocks.{i}.attention.time_mix_gate"),
     ("blocks.{i}.ffn.time_mix_k", "rwkv.blocks.{i}.feed_forward.time_mix_key"),
     ("blocks.{i}.ffn.time_mix_r", "rwkv.blocks.{i}.feed_forward.time_mix_receptance"),
     ("blocks.{i}.att.{p}", "rwkv.blocks.{i}.attention.{p}"),
@@ -81,16 +86,19 @@ def _rename(table, key: str, to_official: bool):
     return None
 
 
-def rename_rwkv4_key(key: str, to_official: bool) -> "str | None":
-    """``key`` in the other naming (official <-> transformers' RWKV-4), or None if no rule covers it."""
-    found = _rename(RWKV4_NAMES, key, to_official)
+def rename_hf_rwkv_key(key: str, to_official: bool) -> "str | None":
+    """``key`` in the other naming (official <-> transformers' RWKV-4 / the RWKV org's v5, v6), or None."""
+    found = _rename(HF_RWKV_NAMES, key, to_official)
     return found[0] if found else None
 
 
 KNOWN_ELSEWHERE = {
-    "rwkv5": "the RWKV org's remote-code RWKV-5 repos (RWKV/v5-Eagle-*-HF)",
-    "rwkv6": "the RWKV org's remote-code RWKV-6 repos (RWKV/v6-Finch-*-HF)",
     "rwkv7": "transformers' / flash-linear-attention's RWKV-7",
+}
+HF_RWKV_MODEL_TYPES = {
+    "rwkv": "transformers' built-in RWKV-4",
+    "rwkv5": "the RWKV org's remote-code RWKV-5 (RWKV/v5-Eagle-*-HF)",
+    "rwkv6": "the RWKV org's remote-code RWKV-6 (RWKV/v6-Finch-*-HF)",
 }
 
 
@@ -99,7 +107,8 @@ class LayoutError(ValueError):
 
 
 def detect_folder_layout(folder: Path) -> str:
-    """The layout of a model folder, from its config.json: "rwkv_hf" (ours), "transformers-rwkv4"; else an error."""
+    """The layout of a model folder, from its config.json (and weight names): "rwkv_hf" (ours), "hf-rwkv"
+    (transformers' RWKV-4, the RWKV org's v5/v6), "fla-rwkv7"; anything else is an error naming it."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LayoutError(f"{folder} has no config.json: expected a model folder (or an RWKV-LM .pth file)")
@@ -110,14 +119,15 @@ def detect_folder_layout(folder: Path) -> str:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type == "rwkv_hf":
         return "rwkv_hf"
-    if model_type == "rwkv":
-        return "transformers-rwkv4"
+    if model_type in HF_RWKV_MODEL_TYPES:
+        return "hf-rwkv"
     if model_type == "rwkv7" and FLA_RWKV7_MARKER in _weight_names(folder):
         return "fla-rwkv7"
     where = KNOWN_ELSEWHERE.get(model_type, "not an RWKV layout this package knows")
     raise LayoutError(
         f"{folder}: model_type {model_type!r} ({where}) cannot be converted yet; readable layouts: an RWKV-LM .pth "
-        "file, transformers' built-in RWKV-4 folder (model_type 'rwkv'), flash-linear-attention / rwkv7-hf RWKV-7 "
+        "file, transformers' built-in RWKV-4 and the RWKV org's v5/v6 folders (model_type 'rwkv', 'rwkv5', "
+        "'rwkv6'), flash-linear-attention / rwkv7-hf RWKV-7 "
         f"folders (model_type 'rwkv7' with weights named like {FLA_RWKV7_MARKER!r})"
     )
 
@@ -158,8 +168,8 @@ def read_folder(folder: Path) -> Dict[str, torch.Tensor]:
     layout = detect_folder_layout(folder)
     if layout == "rwkv_hf":
         raise LayoutError(f"{folder} is already an rwkv_hf folder: load it with from_pretrained")
-    if layout == "transformers-rwkv4":
-        return read_transformers_rwkv4(folder)
+    if layout == "hf-rwkv":
+        return read_hf_rwkv(folder)
     return read_fla_rwkv7(folder)
 
 
@@ -201,20 +211,21 @@ def _check_config_against(folder: Path, config: dict, official: Dict[str, torch.
         raise LayoutError(f"{folder}: config.json says num_hidden_layers={layers} but the weights hold {found} blocks")
 
 
-def read_transformers_rwkv4(folder: Path) -> Dict[str, torch.Tensor]:
-    """The official state dict of a transformers RWKV-4 folder (safetensors, or weights_only .bin), checked:
-    every key mapped, the config's sizes equal to the weights'."""
+def read_hf_rwkv(folder: Path) -> Dict[str, torch.Tensor]:
+    """The official state dict of a transformers RWKV-4 / RWKV org v5, v6 folder (safetensors, or weights_only
+    .bin), checked: every key mapped, the config's sizes equal to the weights'."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    what = HF_RWKV_MODEL_TYPES[config["model_type"]]
     official, unknown = {}, []
-    for key, tensor in _read_weights(folder, "transformers RWKV-4").items():
-        name = rename_rwkv4_key(key, to_official=True)
+    for key, tensor in _read_weights(folder, what).items():
+        name = rename_hf_rwkv_key(key, to_official=True)
         if name is None:
             unknown.append(key)
         else:
             official[name] = tensor
     if unknown:
         raise LayoutError(
-            f"{folder}: transformers RWKV-4 layout (model_type 'rwkv') with {len(unknown)} unexpected weight(s), "
+            f"{folder}: {what} layout (model_type {config['model_type']!r}) with {len(unknown)} unexpected weight(s), "
             f"e.g. {sorted(unknown)[:3]}: a mixed or foreign layout"
         )
     if "head.weight" not in official and config.get("tie_word_embeddings"):
@@ -243,7 +254,7 @@ def export_transformers_rwkv4(model, output_dir) -> Path:
     official = export_official_state_dict(model)
     inverse = {}
     for key, tensor in official.items():
-        name = rename_rwkv4_key(key, to_official=False)
+        name = rename_hf_rwkv_key(key, to_official=False)
         if name is None:
             raise LayoutError(f"no transformers RWKV-4 name for the official key {key!r}")
         inverse[name] = tensor

@@ -222,3 +222,53 @@ def test_rwkv7_hf_folder_with_a_foreign_weight_is_refused(rwkv7_hf_case, tmp_pat
     with pytest.raises(CheckpointError, match=r"Unexpected keys \(1\): \['blocks.0.att.x_x'\]"):
         convert_rwkv_checkpoint(folder, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The RWKV org's remote-code RWKV-5 / RWKV-6 repos (model_type "rwkv5" / "rwkv6"). Their code is not installable
+# here, so the folder is made the way their published conversion script made it (transcribed below, independently
+# of layouts.py's table) and the logits are checked against the official package.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def published_rwkv5_conversion(state_dict):
+    """transformers' convert_rwkv5_checkpoint_to_hf.py, convert_state_dict: the renaming the v5/v6 repos used."""
+    import re
+
+    out = {}
+    for name, weight in state_dict.items():
+        if name.startswith("emb."):
+            name = name.replace("emb.", "embeddings.")
+        if name.startswith("blocks.0.ln0"):
+            name = name.replace("blocks.0.ln0", "blocks.0.pre_ln")
+        name = re.sub(r"blocks\.(\d+)\.att", r"blocks.\1.attention", name)
+        name = re.sub(r"blocks\.(\d+)\.ffn", r"blocks.\1.feed_forward", name)
+        for short, long in (("k", "key"), ("v", "value"), ("r", "receptance"), ("g", "gate")):
+            if name.endswith(f".time_mix_{short}"):
+                name = name.replace(f".time_mix_{short}", f".time_mix_{long}")
+        if name != "head.weight":
+            name = "rwkv." + name
+        out[name] = weight
+    return out
+
+
+@pytest.mark.parametrize("version,model_type", [("5.2", "rwkv5"), ("6", "rwkv6")])
+def test_rwkv_org_v5_v6_folders_give_the_official_logits(official_case, tmp_path, version, model_type):
+    from safetensors.torch import save_file
+
+    from rwkv_hf.convert_rwkv_hf import load_official_checkpoint
+
+    case = official_case(version)
+    official = load_official_checkpoint(case.ckpt_path)
+    folder = tmp_path / model_type
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in published_rwkv5_conversion(official).items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": model_type, "vocab_size": official["emb.weight"].shape[0],
+        "hidden_size": official["emb.weight"].shape[1],
+        "num_hidden_layers": len({k.split(".")[1] for k in official if k.startswith("blocks.")}),
+    }))
+    model = RwkvForCausalLM.from_pretrained(folder)
+    assert model.config.rwkv_version == version
+    with torch.no_grad():
+        torch.testing.assert_close(model(case.tokens[None]).logits[0], case.oracle["logits_full"], atol=ATOL, rtol=0)
