@@ -108,7 +108,8 @@ def reject_unknown_kwargs(owner: str, kwargs: dict, allowed: frozenset = LOSS_KW
             f"{owner}.forward() got unexpected keyword argument(s) {unknown}. It takes the recurrent state as "
             f"{CACHE_ARG!r} (transformers {TRANSFORMERS_VERSION}) or 'past_key_values', plus the usual input_ids, "
             f"attention_mask, inputs_embeds, labels, use_cache, logits_to_keep, output_hidden_states, return_dict, "
-            f"init_state, and the packed-batch markers position_ids, seq_idx, cu_seq_lens_q/k, max_length_q/k. If transformers passed this, it changed its contract: upgrade rwkv_hf."
+            f"init_state, and the packed-batch markers position_ids, seq_idx, cu_seq_lens_q/k, max_length_q/k. "
+            f"If transformers passed this, it changed its contract: upgrade rwkv_hf."
         )
 
 

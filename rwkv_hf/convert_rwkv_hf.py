@@ -26,7 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_rwkv_hf import RwkvConfig
+from .configuration_rwkv_hf import REMOTE_CODE_AUTO_MAP, RwkvConfig
 
 INIT_STATE_FILE = "init_state.safetensors"
 # At most 18 digits, no leading zero: "blocks.007.x" is not a block key, and int() never meets a 5000-digit index.
@@ -545,7 +545,7 @@ def _convert_in_memory(checkpoint, dtype, tokenizer_choice: str, progress: bool)
         source, state_dict = str(checkpoint), load_official_checkpoint(checkpoint)
     weights, init_states = split_init_state(state_dict)
     config = infer_config(weights)
-    config.architectures = ["RwkvHfForCausalLM"]
+    config.architectures = [RwkvForCausalLM.__name__]  # the class's own name, RwkvHfForCausalLM (not the alias)
     tensors = map_state_dict(weights, config, dtype=dtype, progress=progress)
     check_init_states(init_states, config)
     tokenizer = _make_tokenizer(tokenizer_choice, config)
@@ -554,11 +554,7 @@ def _convert_in_memory(checkpoint, dtype, tokenizer_choice: str, progress: bool)
         model = RwkvForCausalLM(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.eval()
-    model.config.auto_map = {
-        "AutoConfig": "configuration_rwkv_hf.RwkvConfig",
-        "AutoModel": "modeling_rwkv_hf.RwkvHfModel",
-        "AutoModelForCausalLM": "modeling_rwkv_hf.RwkvHfForCausalLM",
-    }
+    model.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
     from . import __version__
 
     model.config.rwkv_hf_version = __version__
@@ -816,7 +812,7 @@ def _init_state_by_the_converter(path: Path) -> bool:
 
 
 def _our_tokenizer_files(dest: Path) -> Set[str]:
-    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizer, RwkvWorldTokenizerFast
+    from .tokenization_rwkv_hf import Rwkv20BTokenizer, RwkvWorldTokenizerFast
 
     config = _read_small_json(dest / "tokenizer_config.json")
     name = config.get("tokenizer_class") if isinstance(config, dict) else None

@@ -16,6 +16,7 @@ Any other folder is refused naming what was found.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -68,6 +69,7 @@ FLA_RWKV7_NAMES: Tuple[Tuple[str, str, bool], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=None)  # every key of a folder is tried against the same few templates
 def _template_regex(template: str) -> "re.Pattern":
     pattern = re.escape(template)
     for name, group in (("i", r"\d+"), ("x", "[wavg]"), ("p", r"[A-Za-z_][\w.]*")):
@@ -173,12 +175,12 @@ def read_folder(folder: Path) -> Dict[str, torch.Tensor]:
     return read_fla_rwkv7(folder)
 
 
-def read_fla_rwkv7(folder: Path) -> Dict[str, torch.Tensor]:
-    """flash-linear-attention / rwkv7-hf RWKV-7 weights renamed to RWKV-LM's, the LoRA matrices transposed back."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+def _to_official(table, weights: Dict[str, torch.Tensor], folder: Path, layout: str) -> Dict[str, torch.Tensor]:
+    """``weights`` under RWKV-LM's names by ``table`` (transposed where it says so); a weight no rule covers is an
+    error naming it."""
     official, unknown = {}, []
-    for key, tensor in _read_weights(folder, "RWKV-7 (flash-linear-attention layout)").items():
-        found = _rename(FLA_RWKV7_NAMES, key, to_official=True)
+    for key, tensor in weights.items():
+        found = _rename(table, key, to_official=True)
         if found is None:
             unknown.append(key)
             continue
@@ -186,9 +188,17 @@ def read_fla_rwkv7(folder: Path) -> Dict[str, torch.Tensor]:
         official[name] = tensor.t().contiguous() if transposed else tensor
     if unknown:
         raise LayoutError(
-            f"{folder}: RWKV-7 in the flash-linear-attention layout with {len(unknown)} unexpected weight(s), e.g. "
-            f"{sorted(unknown)[:3]}: a mixed or foreign layout"
+            f"{folder}: {layout} with {len(unknown)} unexpected weight(s), e.g. {sorted(unknown)[:3]}: a mixed or "
+            "foreign layout"
         )
+    return official
+
+
+def read_fla_rwkv7(folder: Path) -> Dict[str, torch.Tensor]:
+    """flash-linear-attention / rwkv7-hf RWKV-7 weights renamed to RWKV-LM's, the LoRA matrices transposed back."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    layout = "RWKV-7 in the flash-linear-attention layout"
+    official = _to_official(FLA_RWKV7_NAMES, _read_weights(folder, layout), folder, layout)
     _check_config_against(folder, config, official, {
         "vocab_size": ("emb.weight", 0),
         "hidden_size": ("emb.weight", 1),
@@ -216,18 +226,8 @@ def read_hf_rwkv(folder: Path) -> Dict[str, torch.Tensor]:
     .bin), checked: every key mapped, the config's sizes equal to the weights'."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     what = HF_RWKV_MODEL_TYPES[config["model_type"]]
-    official, unknown = {}, []
-    for key, tensor in _read_weights(folder, what).items():
-        name = rename_hf_rwkv_key(key, to_official=True)
-        if name is None:
-            unknown.append(key)
-        else:
-            official[name] = tensor
-    if unknown:
-        raise LayoutError(
-            f"{folder}: {what} layout (model_type {config['model_type']!r}) with {len(unknown)} unexpected weight(s), "
-            f"e.g. {sorted(unknown)[:3]}: a mixed or foreign layout"
-        )
+    layout = f"{what} layout (model_type {config['model_type']!r})"
+    official = _to_official(HF_RWKV_NAMES, _read_weights(folder, what), folder, layout)
     if "head.weight" not in official and config.get("tie_word_embeddings"):
         official["head.weight"] = official.get("emb.weight")
     _check_config_against(folder, config, official, {

@@ -795,6 +795,7 @@ class RwkvHfModel(RwkvPreTrainedModel):
             raise ValueError(f"inputs_embeds must be [batch, tokens, hidden] with tokens >= 1, got {tuple(inputs_embeds.shape)}")
         B, T, _ = inputs_embeds.shape
 
+        hidden = self.blocks[0].ln0(inputs_embeds)
         starts = document_starts(attention_mask, B, T, position_ids, seq_idx, cu_seq_lens_q, cu_seq_lens_k)
         if starts is not None:
             if given_cache is not None:
@@ -802,25 +803,16 @@ class RwkvHfModel(RwkvPreTrainedModel):
                     "a packed batch (a document starting after the first token of a row, from position_ids / seq_idx "
                     "/ cu_seq_lens) cannot continue a recurrent state: pass no cache, or one document per row"
                 )
-            hidden = self.blocks[0].ln0(inputs_embeds)
+            cache = None  # each document's final state is its own: a packed call hands back no cache
             hidden, all_hidden = self._run_packed(hidden, starts, attention_mask, init_state, output_hidden_states)
-            hidden = self.ln_out(hidden)
-            if output_hidden_states:
-                all_hidden = all_hidden[:-1] + (hidden,)
-            # each document's final state is its own: a packed call hands back no cache
-            if not return_dict:
-                return tuple(x for x in (hidden, all_hidden) if x is not None)
-            return RwkvModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(None))
-
-        cache = self._cache_for(given_cache, use_cache, B)
-        continuing = cache is not None and cache.is_initialized
-        mask, trailing = self._padding(attention_mask, B, T, continuing and self.config.rwkv_version == "4")
-
-        hidden = self.blocks[0].ln0(inputs_embeds)
-        # One forward at a time may advance a cache (a frozen one is copied instead, see _cache_for).
-        # (Not checked while torch.compile traces: a lock cannot be traced; compiled callers own their cache.)
-        with cache.exclusive() if cache is not None and not _compiling() else contextlib.nullcontext():
-            hidden, all_hidden = self._run_blocks(hidden, cache, mask, trailing, init_state, output_hidden_states)
+        else:
+            cache = self._cache_for(given_cache, use_cache, B)
+            continuing = cache is not None and cache.is_initialized
+            mask, trailing = self._padding(attention_mask, B, T, continuing and self.config.rwkv_version == "4")
+            # One forward at a time may advance a cache (a frozen one is copied instead, see _cache_for).
+            # (Not checked while torch.compile traces: a lock cannot be traced; compiled callers own their cache.)
+            with cache.exclusive() if cache is not None and not _compiling() else contextlib.nullcontext():
+                hidden, all_hidden = self._run_blocks(hidden, cache, mask, trailing, init_state, output_hidden_states)
         hidden = self.ln_out(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)

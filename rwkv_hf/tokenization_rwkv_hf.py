@@ -410,6 +410,7 @@ class _WorldVocab:
         self.size = size
         self._data, self._source = data, source
         self._matcher = None
+        self._backend_json = None
 
     def __reduce__(self):  # pickle the file's bytes; unpickling finds the parsed copy in the per-process cache
         return (_world_vocab_from_bytes, (self._data, self._source))
@@ -425,7 +426,7 @@ class _WorldVocab:
         strs: "Ġworld"); a Split whose regex is the token trie (see ``_trie_pattern``) cuts out the longest token
         at each position, as ``matcher`` does; WordLevel looks each piece up. ``<|endoftext|>`` is id 0.
         """
-        if getattr(self, "_backend_json", None) is None:
+        if self._backend_json is None:
             from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
             to_char = _byte_level_alphabet()
@@ -559,7 +560,48 @@ def _world_vocab_file(vocab_file: str | None) -> str:
     return vocab_file
 
 
-class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
+class _WorldVocabMethods:
+    """What both World tokenizers read straight off the parsed vocabulary (``self._vocab``): sizes, the official
+    trie's ids, the vocabulary file. First in their bases, before ``RwkvChatMixin``'s hooks."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab.size
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids exactly as the official ``TRIE_TOKENIZER.encode(text)``: no special tokens, nothing added."""
+        return self.encode_bytes(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Ids of raw bytes (need not be valid UTF-8), as the official ``TRIE_TOKENIZER.encodeBytes(data)``."""
+        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(bytes(data).decode("latin-1"))))
+
+    def _plain_token_ids(self, text: str) -> list[int]:
+        return self.encode_ordinary(text)
+
+    def _vocab_texts(self):
+        return enumerate(self._vocab.id_to_bytes)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        if not os.path.isdir(save_directory):
+            raise NotADirectoryError(f"save_vocabulary: {save_directory} is not a directory")
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + WORLD_VOCAB_FILE)
+        if os.path.isfile(self.vocab_file):
+            if os.path.abspath(self.vocab_file) != os.path.abspath(out):
+                shutil.copyfile(self.vocab_file, out)
+        else:  # the source file is gone: write the same format from memory
+            with open(out, "w", encoding="utf-8") as f:
+                for idx in range(1, self._vocab.size):
+                    token = self._vocab.id_to_bytes[idx]
+                    try:
+                        literal = repr(token.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        literal = repr(token)
+                    f.write(f"{idx} {literal} {len(token)}\n")
+        return (out,)
+
+
+class RwkvWorldTokenizer(_WorldVocabMethods, RwkvChatMixin, PreTrainedTokenizer):
     """The RWKV World tokenizer (``rwkv_vocab_v20230424.txt``), id-for-id equal to the official TRIE_TOKENIZER.
 
     * Encoding: UTF-8 bytes, greedy longest-prefix match. ``"\\n\\n"`` is one token (261). ``<|endoftext|>`` in the
@@ -617,17 +659,10 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
 
     # -- vocabulary ----------------------------------------------------------------------------------------------
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab.size
-
     def get_vocab(self) -> dict[str, int]:
         vocab = dict(self._vocab.str_to_id)
         vocab.update(self._added_tokens_encoder)
         return vocab
-
-    def _vocab_texts(self):
-        return enumerate(self._vocab.id_to_bytes)
 
     def _convert_token_to_id(self, token: str) -> int | None:
         return self._vocab.str_to_id.get(token)
@@ -644,17 +679,6 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
         return [added[t] if t in added else vocab.get(t) for t in tokens]
 
     # -- encoding ------------------------------------------------------------------------------------------------
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Ids exactly as the official ``TRIE_TOKENIZER.encode(text)``: no special tokens, nothing added."""
-        return list(map(self._vocab.str_to_id.__getitem__, self._tokenize(text)))
-
-    def encode_bytes(self, data: bytes) -> list[int]:
-        """Ids of raw bytes (need not be valid UTF-8), as the official ``TRIE_TOKENIZER.encodeBytes(data)``."""
-        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(bytes(data).decode("latin-1"))))
-
-    def _plain_token_ids(self, text: str) -> list[int]:
-        return self.encode_ordinary(text)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         # Match on the UTF-8 bytes seen as a latin-1 str (one char per byte): the matched pieces are the tokens.
@@ -771,28 +795,8 @@ class RwkvWorldTokenizer(RwkvChatMixin, PreTrainedTokenizer):
             text = self.clean_up_tokenization(text)
         return text
 
-    # -- saving --------------------------------------------------------------------------------------------------
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        if not os.path.isdir(save_directory):
-            raise NotADirectoryError(f"save_vocabulary: {save_directory} is not a directory")
-        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + WORLD_VOCAB_FILE)
-        if os.path.isfile(self.vocab_file):
-            if os.path.abspath(self.vocab_file) != os.path.abspath(out):
-                shutil.copyfile(self.vocab_file, out)
-        else:  # the source file is gone: write the same format from memory
-            with open(out, "w", encoding="utf-8") as f:
-                for idx in range(1, self._vocab.size):
-                    token = self._vocab.id_to_bytes[idx]
-                    try:
-                        literal = repr(token.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        literal = repr(token)
-                    f.write(f"{idx} {literal} {len(token)}\n")
-        return (out,)
-
-
-class RwkvWorldTokenizerFast(RwkvChatMixin, PreTrainedTokenizerFast):
+class RwkvWorldTokenizerFast(_WorldVocabMethods, RwkvChatMixin, PreTrainedTokenizerFast):
     """The RWKV World tokenizer run by the ``tokenizers`` library: the ids of ``RwkvWorldTokenizer`` (the reference,
     id-for-id the official TRIE_TOKENIZER), plus what only a ``tokenizers`` backend gives: offsets
     (``return_offsets_mapping``, ``apply_chat_template(return_assistant_tokens_mask=True)``, TRL's
@@ -853,27 +857,6 @@ class RwkvWorldTokenizerFast(RwkvChatMixin, PreTrainedTokenizerFast):
             ) from None
         _refuse_a_smaller_model_vocabulary(tokenizer, pretrained_model_name_or_path)
         return tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab.size
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        """Ids exactly as the official ``TRIE_TOKENIZER.encode(text)``: no special tokens, nothing added."""
-        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(text.encode("utf-8").decode("latin-1"))))
-
-    def encode_bytes(self, data: bytes) -> list[int]:
-        """Ids of raw bytes (need not be valid UTF-8), as the official ``TRIE_TOKENIZER.encodeBytes(data)``."""
-        return list(map(self._vocab.str_to_id.__getitem__, self._vocab.matcher(bytes(data).decode("latin-1"))))
-
-    def _plain_token_ids(self, text: str) -> list[int]:
-        return self.encode_ordinary(text)
-
-    def _vocab_texts(self):
-        return enumerate(self._vocab.id_to_bytes)
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        return RwkvWorldTokenizer.save_vocabulary(self, save_directory, filename_prefix)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', plus the vocabulary file: it is the source tokenizer.json is checked against (and the

@@ -18,12 +18,7 @@ VERSIONS = ["4", "5.2", "6", "7"]
 ATOL = 2e-5  # the same tokens in batches of other shapes: fp32 rounding of the chunked WKV only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def documents(lengths, seed=0):

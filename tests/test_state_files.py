@@ -41,13 +41,7 @@ ATOL = 1e-5  # our own paths: chunked vs recurrent WKV
 STATE_VERSIONS = ("5.2", "6", "7")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exact_state(config, seed=0, scale=0.3) -> dict:

@@ -42,13 +42,7 @@ from rwkv_hf.state_rwkv_hf import (
 LOGGER = "rwkv_hf.state_rwkv_hf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra OpenMP threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def a_state(config, seed=0, nan_at=None) -> dict:

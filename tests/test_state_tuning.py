@@ -42,12 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 PATTERN = [7, 8, 9, 10, 11, 12]  # every sequence ends with these tokens: what the state has to learn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def task_batch(batch=8, prompt_len=8, seed=0):
